@@ -1,0 +1,5 @@
+"""python -m lipdp train ..."""
+
+from lipdp.cli import main
+
+raise SystemExit(main())

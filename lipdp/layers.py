@@ -1,0 +1,417 @@
+"""DP layers: Lipschitz layers that know their per-example gradient bounds.
+
+Notation (one example, DESIGN §3): ``X`` bounds the norm of a layer's input, ``G``
+bounds the norm of the loss gradient with respect to the layer's output. Each DP layer
+keeps four rules next to its forward pass:
+
+* ``output_bound(X)``                  bound on ``||output||``;
+* ``input_gradient_bound(G)``          bound on ``||dl/d input||`` (``Lip * G``);
+* ``parameter_gradient_bounds(X, G)``  ``{variable name: bound on ||dl/d theta||_F}``;
+* ``project()``                        restore ``Lip <= 1`` after an update.
+
+The forward pass always uses the trainable kernel *as it is*: the bound speaks about the
+very matrix the gradient is taken for. The Lipschitz constraint is restored by a
+projection after each update (post-processing: it costs no privacy). The constant used
+in the bounds is a *proven* one: an exact spectral norm (float64 eigen-decomposition of
+the Gram matrix), never power iteration, which under-estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import tensorflow as tf
+from deel.lip.layers import GroupSort, ScaledGlobalL2NormPooling2D, ScaledL2NormPooling2D
+from deel.lip.normalizers import bjorck_normalization
+
+# Projections aim a little below 1 so that float32 rounding of the projected kernel
+# (relative error ~6e-8 per entry) cannot push the exact norm above 1.
+PROJECTION_TARGET = 1.0 - 1e-5
+PROJECTIONS = ("bjorck", "rescale")
+
+
+class DPLayer:
+    """Mixin for layers whose per-example bounds are proven.
+
+    Defaults fit a parameter-free map with ``f(0) = 0`` and Lipschitz constant 1:
+    ``||f(x)|| = ||f(x) - f(0)|| <= ||x||`` and ``||J^T g|| <= ||g||``.
+    """
+
+    lipschitz_bound = 1.0
+
+    def output_bound(self, input_bound: float) -> float:
+        return self.lipschitz_bound * input_bound
+
+    def input_gradient_bound(self, output_gradient_bound: float) -> float:
+        return self.lipschitz_bound * output_gradient_bound
+
+    def parameter_gradient_bounds(
+        self, input_bound: float, output_gradient_bound: float
+    ) -> dict[str, float]:
+        return {}
+
+    def project(self) -> None:
+        """Restore the layer's constraint; parameter-free layers have none."""
+
+
+# --------------------------------------------------------------------------- helpers
+def exact_spectral_norm(matrix: tf.Tensor) -> tf.Tensor:
+    """Largest singular value of a 2-D matrix, in float64.
+
+    sigma_max(W)^2 is the largest eigenvalue of the smaller Gram matrix (W^T W or W W^T),
+    computed by a symmetric eigen-solver: exact up to float64 rounding.
+    """
+    w = tf.cast(matrix, tf.float64)
+    gram = tf.matmul(w, w, transpose_a=True) if w.shape[0] >= w.shape[1] else tf.matmul(w, w, transpose_b=True)
+    return tf.sqrt(tf.maximum(tf.reduce_max(tf.linalg.eigvalsh(gram)), 0.0))
+
+
+def project_matrix(matrix: tf.Tensor, method: str, gain: float = 1.0) -> tf.Tensor:
+    """Return a matrix M with ``gain * sigma_max(M) <= PROJECTION_TARGET``.
+
+    ``rescale``: M = W * min(1, target / (gain * sigma_max(W))), the smallest change of scale.
+    ``bjorck``: deel-lip's Bjorck orthogonalisation of W / sigma_max(W) (all singular
+    values close to 1, a gradient-norm-preserving layer), followed by the same exact
+    rescaling, so the guarantee never rests on Bjorck's convergence.
+    """
+    if method == "bjorck":
+        norm = tf.cast(exact_spectral_norm(matrix), matrix.dtype)
+        matrix = bjorck_normalization(matrix / tf.maximum(norm, 1e-12))
+    norm = gain * exact_spectral_norm(matrix)
+    scale = tf.minimum(tf.constant(1.0, tf.float64), PROJECTION_TARGET / tf.maximum(norm, 1e-30))
+    return tf.cast(tf.cast(matrix, tf.float64) * scale, matrix.dtype)
+
+
+def _check_projection(projection: str) -> str:
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}.")
+    return projection
+
+
+def _refuse_bias(kwargs: dict, layer: str) -> None:
+    if kwargs.pop("use_bias", False):
+        raise ValueError(
+            f"{layer} has no built-in bias: its bound rules cover the kernel only. "
+            "Add a lipdp.layers.DPAddBias(norm_max) after it."
+        )
+
+
+# ---------------------------------------------------------------------------- layers
+class DPBoundedInput(DPLayer, tf.keras.layers.Layer):
+    """Clips each example to ``||x|| <= radius``: the input bound X_0 of the model.
+
+    x -> x * min(1, radius / ||x||), the projection onto a ball: 1-Lipschitz.
+    """
+
+    def __init__(self, radius: float, **kwargs):
+        super().__init__(**kwargs)
+        if not (math.isfinite(radius) and radius > 0):
+            raise ValueError(f"DPBoundedInput radius must be a positive number, got {radius}.")
+        self.radius = float(radius)
+
+    def call(self, inputs):
+        axes = list(range(1, inputs.shape.rank))
+        return tf.clip_by_norm(inputs, self.radius, axes=axes)
+
+    def output_bound(self, input_bound: float) -> float:
+        return min(input_bound, self.radius)
+
+    def get_config(self):
+        return {**super().get_config(), "radius": self.radius}
+
+
+class DPSpectralDense(DPLayer, tf.keras.layers.Dense):
+    """Dense layer ``y = x W`` without bias, kept at ``sigma_max(W) <= 1`` by projection.
+
+    dl/dW = x g^T, so ``||dl/dW||_F = ||x|| ||g|| <= X G``.
+    """
+
+    def __init__(self, units: int, projection: str = "bjorck", kernel_initializer="orthogonal", **kwargs):
+        _refuse_bias(kwargs, "DPSpectralDense")
+        super().__init__(units, use_bias=False, kernel_initializer=kernel_initializer, **kwargs)
+        self.projection = _check_projection(projection)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.project()  # bounds hold from construction on
+
+    def parameter_gradient_bounds(self, input_bound, output_gradient_bound):
+        return {self.kernel.name: input_bound * output_gradient_bound}
+
+    def project(self) -> None:
+        self.kernel.assign(project_matrix(self.kernel, self.projection))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("use_bias", None)
+        return {**config, "projection": self.projection}
+
+
+class DPSpectralConv2D(DPLayer, tf.keras.layers.Conv2D):
+    """Conv2D without bias, with a proven Lipschitz bound.
+
+    Let W be the kernel reshaped to (kh*kw*c_in, c_out) and n = ceil(kh/sh) * ceil(kw/sw),
+    the most kernel windows any input pixel falls in. Each output pixel is W^T times one
+    patch, so ``||conv(x)||^2 <= sigma_max(W)^2 * sum_p ||patch_p||^2 <= n sigma_max(W)^2 ||x||^2``:
+    Lip <= sqrt(n) sigma_max(W), and the projection keeps that <= 1.
+    dl/dW = sum_p patch_p g_p^T, so by Cauchy-Schwarz ``||dl/dW||_F <= sqrt(n) X G``.
+    (Not deel-lip's RKO factor: it scales the kernel, not its gradient.)
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        strides=1,
+        padding: str = "same",
+        projection: str = "bjorck",
+        kernel_initializer="orthogonal",
+        **kwargs,
+    ):
+        _refuse_bias(kwargs, "DPSpectralConv2D")
+        if kwargs.get("dilation_rate", 1) not in (1, (1, 1)) or kwargs.get("groups", 1) != 1:
+            raise ValueError("DPSpectralConv2D supports neither dilation nor groups: its bound assumes dense 1-dilated taps.")
+        if kwargs.get("data_format", "channels_last") not in ("channels_last", None):
+            raise ValueError("DPSpectralConv2D supports channels_last only.")
+        super().__init__(
+            filters, kernel_size, strides=strides, padding=padding, use_bias=False,
+            kernel_initializer=kernel_initializer, **kwargs,
+        )
+        self.projection = _check_projection(projection)
+
+    @property
+    def overlap(self) -> int:
+        """n = ceil(kh/sh) * ceil(kw/sw): kernel windows that can cover one input pixel."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.strides
+        return math.ceil(kh / sh) * math.ceil(kw / sw)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.project()
+
+    def parameter_gradient_bounds(self, input_bound, output_gradient_bound):
+        return {self.kernel.name: math.sqrt(self.overlap) * input_bound * output_gradient_bound}
+
+    def project(self) -> None:
+        shape = self.kernel.shape
+        matrix = tf.reshape(self.kernel, (-1, shape[-1]))
+        projected = project_matrix(matrix, self.projection, gain=math.sqrt(self.overlap))
+        self.kernel.assign(tf.reshape(projected, shape))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("use_bias", None)
+        return {**config, "projection": self.projection}
+
+
+class DPAddBias(DPLayer, tf.keras.layers.Layer):
+    """Adds a per-channel bias b, kept at ``||b|| <= norm_max`` by projection.
+
+    On an input with P positions per channel (P = H*W after a convolution, 1 after a
+    dense layer) the bias is broadcast P times, so
+    ``||x + b|| <= X + sqrt(P) norm_max`` and ``dl/db = sum_p g_p``, ``||dl/db|| <= sqrt(P) G``.
+    Translation leaves gradients unchanged: Lip = 1.
+    """
+
+    def __init__(self, norm_max: float, **kwargs):
+        super().__init__(**kwargs)
+        if not (math.isfinite(norm_max) and norm_max > 0):
+            raise ValueError(f"DPAddBias norm_max must be a positive number, got {norm_max}.")
+        self.norm_max = float(norm_max)
+
+    def build(self, input_shape):
+        self.positions = math.prod(int(d) for d in input_shape[1:-1])
+        self.bias = self.add_weight(name="bias", shape=(int(input_shape[-1]),), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return inputs + self.bias
+
+    def output_bound(self, input_bound: float) -> float:
+        return input_bound + math.sqrt(self.positions) * self.norm_max
+
+    def parameter_gradient_bounds(self, input_bound, output_gradient_bound):
+        return {self.bias.name: math.sqrt(self.positions) * output_gradient_bound}
+
+    def project(self) -> None:
+        limit = PROJECTION_TARGET * self.norm_max
+        self.bias.assign(tf.clip_by_norm(self.bias, limit))
+
+    def get_config(self):
+        return {**super().get_config(), "norm_max": self.norm_max}
+
+
+class DPGroupSort(DPLayer, GroupSort):
+    """deel-lip's GroupSort: sorts each group of channels. A permutation of its input
+    (per example), so norm preserving and 1-Lipschitz."""
+
+    def __init__(self, group_size: int = 2, **kwargs):
+        super().__init__(n=group_size, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        return {**config, "group_size": config.pop("n")}
+
+
+class DPScaledL2NormPooling2D(DPLayer, ScaledL2NormPooling2D):
+    """deel-lip's L2-norm pooling over non-overlapping windows: each output is the norm
+    of one window, so ``||out|| <= ||x||`` and each window's Jacobian row has norm <= 1.
+    (deel-lip's backward pass divides by ``norm + eps``: never larger.)"""
+
+    def __init__(self, pool_size=(2, 2), **kwargs):
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        pool_size, strides = pair(pool_size), kwargs.pop("strides", None)
+        if strides is not None and pair(strides) != pool_size:
+            raise ValueError("DPScaledL2NormPooling2D needs strides == pool_size: overlapping windows are not 1-Lipschitz.")
+        super().__init__(pool_size=pool_size, **kwargs)
+
+
+class DPGlobalL2NormPooling2D(DPLayer, ScaledGlobalL2NormPooling2D):
+    """deel-lip's global L2-norm pooling: one norm per channel, ``||out|| = ||x||``."""
+
+
+class DPFlatten(DPLayer, tf.keras.layers.Flatten):
+    """Flatten: a reshape, norm preserving."""
+
+
+class DPReshape(DPLayer, tf.keras.layers.Reshape):
+    """Reshape: norm preserving."""
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(target_shape=tuple(shape), **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        return {**config, "shape": config.pop("target_shape")}
+
+
+# ------------------------------------------------------------------- bound chaining
+@dataclass
+class ChainBounds:
+    """Bounds along a chain of DP layers, for one example.
+
+    ``input_bounds[k]`` bounds the input of layer k; ``output_gradient_bounds[k]`` bounds
+    the gradient at its output; ``parameter_bounds`` maps variable names to bounds.
+    """
+
+    input_bounds: list[float] = field(default_factory=list)
+    output_gradient_bounds: list[float] = field(default_factory=list)
+    output_bound: float = 0.0
+    input_gradient_bound: float = 0.0
+    parameter_bounds: dict[str, float] = field(default_factory=dict)
+
+
+def chain_bounds(layers: Sequence[DPLayer], input_bound: float, output_gradient_bound: float) -> ChainBounds:
+    """Forward pass of norm bounds X_k, backward pass of gradient bounds G_k.
+
+    X_k = rule_k(X_{k-1}); G_{k-1} = Lip_k G_k; each layer's parameter bound uses
+    (X_{k-1}, G_k).
+    """
+    chain = ChainBounds()
+    bound = input_bound
+    for layer in layers:
+        chain.input_bounds.append(bound)
+        bound = layer.output_bound(bound)
+    chain.output_bound = bound
+    gradient = output_gradient_bound
+    for layer, layer_input_bound in zip(reversed(layers), reversed(chain.input_bounds)):
+        chain.output_gradient_bounds.insert(0, gradient)
+        chain.parameter_bounds.update(layer.parameter_gradient_bounds(layer_input_bound, gradient))
+        gradient = layer.input_gradient_bound(gradient)
+    chain.input_gradient_bound = gradient
+    return chain
+
+
+def check_dp_layer(layer) -> None:
+    """Refuse layers without bound rules, and layers that mix examples."""
+    if isinstance(layer, tf.keras.layers.BatchNormalization) or "BatchNorm" in type(layer).__name__:
+        raise TypeError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) mixes the examples of a batch: "
+            "one example's gradient then depends on the others, and no per-example bound "
+            "holds. Remove it (Lipschitz networks do not need it)."
+        )
+    if not isinstance(layer, DPLayer):
+        raise TypeError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) has no per-example gradient bound "
+            "rules, so a DP model cannot calibrate its noise. Use the lipdp.layers "
+            "equivalents (DPSpectralDense, DPSpectralConv2D, DPAddBias, DPGroupSort, ...)."
+        )
+
+
+class DPResidual(DPLayer, tf.keras.layers.Layer):
+    """Residual block ``y = (x + f(x)) / 2`` over a branch f of DP layers.
+
+    With f's own bounds: ``||y|| <= (X + X_f) / 2``; the branch sees gradient G/2 at its
+    output; ``||dl/dx|| <= G/2 + G_f`` where G_f is the branch's input-gradient bound
+    for top gradient G/2. With Lip_f <= 1 the block is 1-Lipschitz.
+    """
+
+    def __init__(self, branch: Sequence[tf.keras.layers.Layer], **kwargs):
+        super().__init__(**kwargs)
+        branch = list(branch)
+        if not branch:
+            raise ValueError("DPResidual needs at least one layer in its branch.")
+        for layer in branch:
+            check_dp_layer(layer)
+            if isinstance(layer, DPBoundedInput):
+                raise TypeError("DPBoundedInput belongs at the start of the model, not inside a residual branch.")
+        self.branch = branch
+
+    def build(self, input_shape):
+        shape = tf.TensorShape(input_shape)
+        for layer in self.branch:
+            layer.build(shape)
+            shape = tf.TensorShape(layer.compute_output_shape(shape))
+        if shape[1:] != tf.TensorShape(input_shape)[1:]:
+            raise ValueError(
+                f"DPResidual branch maps shape {tuple(input_shape)[1:]} to {tuple(shape)[1:]}: "
+                "a residual block needs the branch to keep the shape."
+            )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        branch_output = inputs
+        for layer in self.branch:
+            branch_output = layer(branch_output)
+        return 0.5 * (inputs + branch_output)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def _branch_bounds(self, input_bound: float, output_gradient_bound: float) -> ChainBounds:
+        return chain_bounds(self.branch, input_bound, 0.5 * output_gradient_bound)
+
+    def output_bound(self, input_bound: float) -> float:
+        return 0.5 * (input_bound + self._branch_bounds(input_bound, 0.0).output_bound)
+
+    def input_gradient_bound(self, output_gradient_bound: float) -> float:
+        branch = self._branch_bounds(0.0, output_gradient_bound)
+        return 0.5 * output_gradient_bound + branch.input_gradient_bound
+
+    def parameter_gradient_bounds(self, input_bound, output_gradient_bound):
+        return self._branch_bounds(input_bound, output_gradient_bound).parameter_bounds
+
+    def project(self) -> None:
+        for layer in self.branch:
+            layer.project()
+
+    def get_config(self):
+        branch = [tf.keras.layers.serialize(layer) for layer in self.branch]
+        return {**super().get_config(), "branch": branch}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["branch"] = [tf.keras.layers.deserialize(layer, custom_objects=CUSTOM_OBJECTS) for layer in config["branch"]]
+        return cls(**config)
+
+
+CUSTOM_OBJECTS = {
+    cls.__name__: cls
+    for cls in (
+        DPBoundedInput, DPSpectralDense, DPSpectralConv2D, DPAddBias, DPGroupSort,
+        DPScaledL2NormPooling2D, DPGlobalL2NormPooling2D, DPFlatten, DPReshape, DPResidual,
+    )
+}

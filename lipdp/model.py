@@ -1,0 +1,221 @@
+"""DP models and the clipless private train step.
+
+One step, with Poisson sampling at rate q over N examples (DESIGN §3):
+
+    g = ( sum_{i in batch} grad l_i  +  N(0, sigma^2 C^2) ) / (q N),   then project.
+
+C comes from the analytic bounds of :mod:`lipdp.bounds`, never from the data:
+"global" noise uses C = sqrt(sum_k Delta_k^2) on every coordinate; "per-layer" noise uses
+sigma_k Delta_k on variable k with sigma_k = sigma sqrt(K), which composes into one
+Gaussian of noise multiplier (sum_k sigma_k^-2)^(-1/2) = sigma. The division is by the
+*expected* batch size qN: dividing by the realised size would leak it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from lipdp.accounting import PrivacyLedger, PrivacyStatement, check_delta, check_noise_multiplier
+from lipdp.bounds import gradient_bounds
+from lipdp.layers import check_dp_layer
+from lipdp.losses import check_dp_loss
+from lipdp.sampling import expected_batch_size_to_rate, poisson_dataset, steps_per_epoch
+
+NOISE_STRATEGIES = ("global", "per-layer")
+
+
+@dataclass(frozen=True)
+class DPParameters:
+    """The privacy side of training: noise multiplier sigma, delta, noise strategy."""
+
+    noise_multiplier: float
+    delta: float
+    noise_strategy: str = "global"
+
+    def __post_init__(self):
+        check_noise_multiplier(self.noise_multiplier)
+        check_delta(self.delta)
+        if self.noise_strategy not in NOISE_STRATEGIES:
+            raise ValueError(f"noise_strategy must be one of {NOISE_STRATEGIES}, got {self.noise_strategy!r}.")
+
+
+def noise_stddevs(bounds: list[float], noise_multiplier: float, strategy: str) -> list[float]:
+    """Noise std per variable for per-variable gradient bounds Delta_k."""
+    if strategy == "global":
+        return [noise_multiplier * math.sqrt(sum(b * b for b in bounds))] * len(bounds)
+    return [noise_multiplier * math.sqrt(len(bounds)) * b for b in bounds]
+
+
+class StepConstants(tf.Module):
+    """The train step's run constants, as variables so that a cached train function
+    follows a new fit: the expected batch size qN and one noise std per variable.
+    (A tf.Module, so they stay out of ``model.weights``.)"""
+
+    def __init__(self):
+        super().__init__(name="dp_step_constants")
+        self.expected_batch_size = tf.Variable(1.0, trainable=False)
+        self.noise_stddevs = None
+
+    def set(self, expected_batch_size: float, stddevs: list[float]) -> None:
+        self.expected_batch_size.assign(expected_batch_size)
+        if self.noise_stddevs is None:
+            self.noise_stddevs = [tf.Variable(0.0, trainable=False) for _ in stddevs]
+        for variable, std in zip(self.noise_stddevs, stddevs):
+            variable.assign(std)
+
+
+class DPSequential(tf.keras.Sequential):
+    """A Sequential model of DP layers, trained privately (or not, for comparison).
+
+    ``dp_parameters=None`` trains without noise (and without a privacy guarantee), with
+    the same Poisson batches, scaling and projection. Residual blocks enter as
+    :class:`lipdp.layers.DPResidual` layers.
+
+    ``fit(x, y, batch_size=B, epochs=E)`` takes arrays: B is the *expected* batch size,
+    batches are Poisson-sampled at q = B / N, and one epoch is round(N / B) steps.
+    """
+
+    def __init__(self, layers=None, dp_parameters: DPParameters | None = None, name: str | None = None):
+        super().__init__(layers=layers, name=name)
+        if dp_parameters is not None and not isinstance(dp_parameters, DPParameters):
+            raise TypeError(f"dp_parameters must be a lipdp.DPParameters or None, got {dp_parameters!r}.")
+        self.dp_parameters = dp_parameters
+        self.privacy_ledger = PrivacyLedger()
+        self._step_constants = StepConstants()
+
+    # ------------------------------------------------------------------ construction
+    def add(self, layer):
+        check_dp_layer(layer)
+        super().add(layer)
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        check_dp_loss(loss)
+        for option in ("loss_weights", "weighted_metrics"):
+            if kwargs.get(option) is not None:
+                raise ValueError(f"{option} is not supported by DP models: it would reweight examples.")
+        if kwargs.setdefault("steps_per_execution", 1) != 1:
+            raise ValueError("steps_per_execution must be 1: the privacy budget is checked after every step.")
+        kwargs.setdefault("jit_compile", False)  # XLA on CPU: slow or hanging compiles, see DESIGN §4b
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    @property
+    def is_private(self) -> bool:
+        return self.dp_parameters is not None
+
+    def project(self) -> None:
+        """Restore every layer's Lipschitz constraint (post-processing)."""
+        for layer in self.layers:
+            layer.project()
+
+    # ------------------------------------------------------------------------ privacy
+    def privacy_statement(self, accountant: str = "pld") -> PrivacyStatement:
+        """(epsilon, delta) of everything this model has trained on so far."""
+        if not self.is_private:
+            raise ValueError("This model trains without privacy (dp_parameters=None): it has no epsilon.")
+        return self.privacy_ledger.statement(self.dp_parameters.delta, accountant)
+
+    def noise_stddevs(self) -> dict[str, float]:
+        """Std of the Gaussian noise added to each variable's summed gradient."""
+        if not self.is_private:
+            return {v.name: 0.0 for v in self.trainable_variables}
+        bounds = gradient_bounds(self)
+        names = [v.name for v in self.trainable_variables]
+        stds = noise_stddevs([bounds[n] for n in names], self.dp_parameters.noise_multiplier, self.dp_parameters.noise_strategy)
+        return dict(zip(names, stds))
+
+    def _prepare_run(self, sampling_rate: float, num_examples: int) -> None:
+        self._step_constants.set(sampling_rate * num_examples, list(self.noise_stddevs().values()))
+        if self.is_private:
+            self.privacy_ledger.begin(sampling_rate, self.dp_parameters.noise_multiplier)
+
+    # ------------------------------------------------------------------ the DP step
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            logits = self(x, training=True)
+            per_example_loss = self.compiled_loss(y, logits)  # reduction NONE: one per example
+            summed_loss = tf.reduce_sum(per_example_loss)
+        variables = self.trainable_variables
+        gradients = tape.gradient(summed_loss, variables)
+        constants = self._step_constants
+        noisy = [
+            (gradient + tf.random.normal(tf.shape(gradient), stddev=std)) / constants.expected_batch_size
+            for gradient, std in zip(gradients, constants.noise_stddevs)
+        ]
+        self.optimizer.apply_gradients(zip(noisy, variables))
+        self.project()
+        if self.is_private:
+            self.privacy_ledger.record_step()
+        return self.compute_metrics(x, y, logits, sample_weight=None)
+
+    # ------------------------------------------------------------------------- fit
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int = 256,
+        epochs: int = 1,
+        *,
+        sampling_seed: int | None = None,
+        callbacks=None,
+        validation_data=None,
+        initial_epoch: int = 0,
+        verbose="auto",
+        **kwargs,
+    ):
+        """Train on arrays with Poisson-sampled batches of *expected* size ``batch_size``.
+
+        Training metrics (loss, accuracy) are computed on private batches: they are
+        *not* covered by the privacy guarantee. Validation metrics on held-out data are.
+        """
+        for option in ("sample_weight", "class_weight", "validation_split", "steps_per_epoch", "shuffle"):
+            if kwargs.pop(option, None) is not None:
+                raise ValueError(
+                    f"fit(..., {option}=...) is not supported by DP models: lipdp draws Poisson batches "
+                    "itself (pass validation data explicitly as validation_data=(x, y))."
+                )
+        if self.loss is None:
+            raise RuntimeError("Compile the model with a lipdp loss before fit().")
+        if self.losses:
+            raise ValueError(
+                "The model has regularisation losses (kernel_regularizer, add_loss, ...): their "
+                "gradients have no per-example bound. Remove them."
+            )
+        x, y = check_training_arrays(x, y, int(self.output_shape[-1]))
+        sampling_rate = expected_batch_size_to_rate(batch_size, len(x))
+        epoch_steps = steps_per_epoch(len(x), batch_size)
+        dataset = poisson_dataset(x, y, sampling_rate, (epochs - initial_epoch) * epoch_steps, sampling_seed)
+        self.project()  # weights set or loaded by hand are projected before any step
+        self._prepare_run(sampling_rate, len(x))
+        return super().fit(
+            dataset, epochs=epochs, steps_per_epoch=epoch_steps, callbacks=callbacks,
+            validation_data=validation_data, initial_epoch=initial_epoch, verbose=verbose, **kwargs,
+        )
+
+
+def check_training_arrays(x, y, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays of finite float32 inputs and labels in range, or a clear error."""
+    if isinstance(x, tf.data.Dataset) or not hasattr(x, "shape") or not hasattr(y, "shape"):
+        raise TypeError(
+            "DP models train on arrays (x, y), not on ready-made datasets or generators: lipdp "
+            "draws Poisson-sampled batches itself, which is what the privacy accountant assumes."
+        )
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"x and y must hold the same, positive number of examples, got {len(x)} and {len(y)}.")
+    if not np.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values: clean the data before training (nothing was trained).")
+    labels = y if y.ndim == 1 or y.shape[-1] == 1 else np.argmax(y, axis=-1)
+    if not np.issubdtype(labels.dtype, np.integer) and not np.all(labels == np.round(labels)):
+        raise ValueError("Integer class labels (or one-hot vectors) are expected in y.")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"Labels must lie in [0, {num_classes - 1}] for a model with {num_classes} outputs, "
+            f"got values from {labels.min()} to {labels.max()}."
+        )
+    return x, y
