@@ -25,6 +25,7 @@ NONE = tf.keras.losses.Reduction.NONE
 
 def _as_one_hot(y_true, y_pred):
     """One-hot labels, from integer labels (shape (b,) or (b, 1)) or one-hot ones."""
+    y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
     if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == y_pred.shape[-1] and y_pred.shape[-1] != 1:
         return tf.cast(y_true, y_pred.dtype)
     labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])

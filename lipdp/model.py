@@ -127,12 +127,21 @@ class DPSequential(tf.keras.Sequential):
         stds = noise_stddevs([bounds[n] for n in names], self.dp_parameters.noise_multiplier, self.dp_parameters.noise_strategy)
         return dict(zip(names, stds))
 
-    def _prepare_run(self, sampling_rate: float, num_examples: int) -> None:
+    def prepare_run(self, sampling_rate: float, num_examples: int) -> None:
+        """Set the step constants (expected batch size qN, noise stds) and open a ledger segment."""
         self._step_constants.set(sampling_rate * num_examples, list(self.noise_stddevs().values()))
         if self.is_private:
             self.privacy_ledger.begin(sampling_rate, self.dp_parameters.noise_multiplier)
 
     # ------------------------------------------------------------------ the DP step
+    def noisy_mean_gradients(self, summed_gradients: list[tf.Tensor]) -> list[tf.Tensor]:
+        """(sum of per-example gradients + N(0, std_k^2)) / (q N), variable by variable."""
+        constants = self._step_constants
+        return [
+            (gradient + tf.random.normal(tf.shape(gradient), stddev=std)) / constants.expected_batch_size
+            for gradient, std in zip(summed_gradients, constants.noise_stddevs)
+        ]
+
     def train_step(self, data):
         x, y = data
         with tf.GradientTape() as tape:
@@ -140,13 +149,8 @@ class DPSequential(tf.keras.Sequential):
             per_example_loss = self.compiled_loss(y, logits)  # reduction NONE: one per example
             summed_loss = tf.reduce_sum(per_example_loss)
         variables = self.trainable_variables
-        gradients = tape.gradient(summed_loss, variables)
-        constants = self._step_constants
-        noisy = [
-            (gradient + tf.random.normal(tf.shape(gradient), stddev=std)) / constants.expected_batch_size
-            for gradient, std in zip(gradients, constants.noise_stddevs)
-        ]
-        self.optimizer.apply_gradients(zip(noisy, variables))
+        gradients = self.noisy_mean_gradients(tape.gradient(summed_loss, variables))
+        self.optimizer.apply_gradients(zip(gradients, variables))
         self.project()
         if self.is_private:
             self.privacy_ledger.record_step()
@@ -190,7 +194,7 @@ class DPSequential(tf.keras.Sequential):
         epoch_steps = steps_per_epoch(len(x), batch_size)
         dataset = poisson_dataset(x, y, sampling_rate, (epochs - initial_epoch) * epoch_steps, sampling_seed)
         self.project()  # weights set or loaded by hand are projected before any step
-        self._prepare_run(sampling_rate, len(x))
+        self.prepare_run(sampling_rate, len(x))
         return super().fit(
             dataset, epochs=epochs, steps_per_epoch=epoch_steps, callbacks=callbacks,
             validation_data=validation_data, initial_epoch=initial_epoch, verbose=verbose, **kwargs,
