@@ -252,7 +252,8 @@ class DPGroupSort(DPLayer, GroupSort):
 
     def get_config(self):
         config = super().get_config()
-        return {**config, "group_size": config.pop("n")}
+        config["group_size"] = config.pop("n")
+        return config
 
 
 class DPScaledL2NormPooling2D(DPLayer, ScaledL2NormPooling2D):
@@ -284,7 +285,8 @@ class DPReshape(DPLayer, tf.keras.layers.Reshape):
 
     def get_config(self):
         config = super().get_config()
-        return {**config, "shape": config.pop("target_shape")}
+        config["shape"] = config.pop("target_shape")
+        return config
 
 
 # ------------------------------------------------------------------- bound chaining

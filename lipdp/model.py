@@ -89,7 +89,8 @@ class DPSequential(tf.keras.Sequential):
 
     # ------------------------------------------------------------------ construction
     def add(self, layer):
-        check_dp_layer(layer)
+        if not isinstance(layer, tf.keras.layers.InputLayer):  # an input placeholder is the identity
+            check_dp_layer(layer)
         super().add(layer)
 
     def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
