@@ -205,3 +205,14 @@ def test_keras3_already_bound_gives_a_clear_import_error():
     result = _python("import tensorflow as tf; tf.keras.layers; import lipdp")
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "restart" in result.stderr
+
+
+def test_variable_and_empty_batches_do_not_retrace():
+    model = small_model(lipdp.DPParameters(1.0, 1e-5))
+    x, y = np.zeros((200, 8, 8, 1), np.float32), np.zeros(200, np.int64)
+    model.fit(x, y, batch_size=1, epochs=1, verbose=0)  # q = 0.005: sizes 0, 1, 2, ...
+    traces = model.train_function.experimental_get_tracing_count()
+    assert traces <= 2  # Keras traces its train function once or twice at the start
+    model.fit(x, y, batch_size=1, epochs=2, verbose=0)
+    assert model.privacy_ledger.steps == 600
+    assert model.train_function.experimental_get_tracing_count() == traces
