@@ -133,7 +133,7 @@ def compute_epsilon(
 ) -> float:
     """epsilon after ``steps`` Poisson-sampled Gaussian steps (cached: sliders repeat calls)."""
     event = dp_sgd_event(check_noise_multiplier(noise_multiplier), check_sampling_rate(sampling_rate), check_steps(steps))
-    return epsilon_of(event, delta, accountant)
+    return epsilon_of(event, delta, accountant) if steps else 0.0
 
 
 @functools.lru_cache(maxsize=1024)

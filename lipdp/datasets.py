@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,9 +114,15 @@ def load_tfds(name: str, data_dir: str | None = None):
 
 def load_npz(path: str):
     """An .npz with uint8 images x_train, x_test and integer labels y_train, y_test."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ValueError(f"No such .npz file: {path}")
-    with np.load(path) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable .npz file ({error}).") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array: an .npz dataset needs the arrays {list(NPZ_KEYS)}.")
+    with archive:
         missing = [key for key in NPZ_KEYS if key not in archive.files]
         if missing:
             raise ValueError(f"{path} lacks {missing}: an .npz dataset needs the arrays {list(NPZ_KEYS)}.")

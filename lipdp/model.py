@@ -161,7 +161,7 @@ class DPSequential(tf.keras.Sequential):
     def fit(
         self,
         x: np.ndarray,
-        y: np.ndarray,
+        y: np.ndarray | None = None,
         batch_size: int = 256,
         epochs: int = 1,
         *,
@@ -204,7 +204,7 @@ class DPSequential(tf.keras.Sequential):
 
 def check_training_arrays(x, y, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Arrays of finite float32 inputs and labels in range, or a clear error."""
-    if isinstance(x, tf.data.Dataset) or not hasattr(x, "shape") or not hasattr(y, "shape"):
+    if isinstance(x, tf.data.Dataset) or not hasattr(x, "shape") or y is None or not hasattr(y, "shape"):
         raise TypeError(
             "DP models train on arrays (x, y), not on ready-made datasets or generators: lipdp "
             "draws Poisson-sampled batches itself, which is what the privacy accountant assumes."
