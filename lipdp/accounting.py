@@ -263,7 +263,8 @@ class PrivacyStatement:
 
 
 class PrivacyLedger(tf.Module):
-    """What a model has released: private steps, grouped in segments of equal (q, sigma).
+    """What a model has released: training steps, grouped in segments of equal (q, sigma);
+    sigma = 0 marks steps taken without noise.
 
     Stored in variables, so checkpoints of the model carry it, and a resumed run reports
     the epsilon of the uninterrupted one. ``record_step`` runs inside the train step.
@@ -308,10 +309,20 @@ class PrivacyLedger(tf.Module):
     def steps(self) -> int:
         return int(self.segment_steps.numpy().sum())
 
+    @property
+    def has_non_private_steps(self) -> bool:
+        """Steps taken without noise (sigma recorded as 0): no epsilon covers them."""
+        return any(sigma == 0 for _, sigma, _ in self.segments)
+
     def dp_event(self) -> dp_accounting.DpEvent:
+        if self.has_non_private_steps:
+            return dp_accounting.NonPrivateDpEvent()
         return dp_accounting.ComposedDpEvent([dp_sgd_event(s, q, t) for q, s, t in self.segments])
 
     def statement(self, delta: float, accountant: str = "pld") -> PrivacyStatement:
         segments = self.segments
-        epsilon = epsilon_of(self.dp_event(), delta, accountant) if segments else 0.0
+        if self.has_non_private_steps:
+            epsilon = math.inf
+        else:
+            epsilon = epsilon_of(self.dp_event(), delta, accountant) if segments else 0.0
         return PrivacyStatement(epsilon, delta, segments, accountant)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from lipdp.layers import ChainBounds, DPBoundedInput, chain_bounds
+from lipdp.layers import ChainBounds, DPBoundedInput, chain_bounds, check_no_shared_layers
 from lipdp.losses import check_dp_loss
 
 # Bounds are inflated by this relative slack so that float32 rounding in the forward and
@@ -36,6 +36,7 @@ def bound_chain(model) -> ChainBounds:
             "The model has no input bound: make lipdp.layers.DPBoundedInput(radius) its first "
             "layer, so that every example's norm is at most the radius."
         )
+    check_no_shared_layers(layers)
     return chain_bounds(layers, math.inf, top_gradient_bound(model))
 
 

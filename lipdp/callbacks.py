@@ -34,6 +34,8 @@ class PrivacyBudget(tf.keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         ledger = self._ledger()
         parameters = self.model.dp_parameters
+        if ledger.has_non_private_steps:
+            raise BudgetExhaustedError("This model already trained without noise: no epsilon budget covers it.")
         sampling_rate, noise_multiplier = ledger.current_parameters()
         allowed = max_steps(
             self.epsilon, noise_multiplier, sampling_rate, parameters.delta,

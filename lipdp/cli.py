@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", choices=presets.LOSSES, default="tau-cce")
     train.add_argument("--model", choices=presets.PRESETS, help="model preset (default per dataset)")
     train.add_argument("--lr", type=float, help="Adam learning rate (default per dataset)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, help="seed of the initial weights (the batches and the noise are never seeded)")
     train.add_argument("--data-dir", help="TensorFlow Datasets data directory")
     train.add_argument("--json", action="store_true", help="end with one JSON line of results")
     return parser
@@ -81,7 +81,8 @@ def train(args) -> dict:
     target = None if args.noise_multiplier else (args.epsilon or DEFAULT_EPSILON)
     sigma = args.noise_multiplier or accounting.calibrate_noise_multiplier(target, sampling_rate, steps, delta)
 
-    tf.keras.utils.set_random_seed(args.seed)
+    if args.seed is not None:  # the initial weights only: batches and noise stay secret
+        tf.keras.utils.set_random_seed(args.seed)
     model_name = args.model or defaults.model
     model = presets.build_model(model_name, info, DPParameters(sigma, delta))
     model.compile(
@@ -91,8 +92,10 @@ def train(args) -> dict:
     )
     callbacks = [PrivacyBudget(target)] if target else []
     start = time.perf_counter()
+    print("Training. The loss and accuracy shown per epoch are measured on private training "
+          "batches: they are not covered by the privacy guarantee.")
     history = model.fit(
-        x_train, y_train, batch_size=batch_size, epochs=epochs, sampling_seed=args.seed,
+        x_train, y_train, batch_size=batch_size, epochs=epochs,
         callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2,
     )
     seconds = time.perf_counter() - start

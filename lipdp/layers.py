@@ -54,6 +54,7 @@ class DPLayer:
 
     def project(self) -> None:
         """Restore the layer's constraint; parameter-free layers have none."""
+        return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -90,12 +91,20 @@ def _check_projection(projection: str) -> str:
     return projection
 
 
-def _refuse_bias(kwargs: dict, layer: str) -> None:
+def _refuse_unbounded_options(kwargs: dict, layer: str) -> None:
+    """Options of the wrapped Keras/deel-lip layer that its bound rules do not cover."""
     if kwargs.pop("use_bias", False):
         raise ValueError(
             f"{layer} has no built-in bias: its bound rules cover the kernel only. "
             "Add a lipdp.layers.DPAddBias(norm_max) after it."
         )
+    if kwargs.get("activation") not in (None, "linear"):
+        raise ValueError(
+            f"{layer} does not take activation={kwargs['activation']!r}: its bounds assume a linear map. "
+            "Add a lipdp.layers.DPGroupSort after it."
+        )
+    if kwargs.pop("k_coef_lip", 1.0) != 1.0:
+        raise ValueError(f"{layer} is 1-Lipschitz by construction; k_coef_lip cannot change that.")
 
 
 # ---------------------------------------------------------------------------- layers
@@ -112,8 +121,11 @@ class DPBoundedInput(DPLayer, tf.keras.layers.Layer):
         self.radius = float(radius)
 
     def call(self, inputs):
-        axes = list(range(1, inputs.shape.rank))
-        return tf.clip_by_norm(inputs, self.radius, axes=axes)
+        # x * (R / max(||x||, R)), not tf.clip_by_norm's (x * R) / max(||x||, R): with huge
+        # pixels x * R overflows to inf and inf / inf = NaN; here an overflowing norm gives 0.
+        norms = tf.norm(tf.reshape(inputs, (tf.shape(inputs)[0], -1)), axis=1)
+        scale = self.radius / tf.maximum(norms, self.radius)
+        return inputs * tf.reshape(scale, [-1] + [1] * (inputs.shape.rank - 1))
 
     def output_bound(self, input_bound: float) -> float:
         return min(input_bound, self.radius)
@@ -129,7 +141,7 @@ class DPSpectralDense(DPLayer, tf.keras.layers.Dense):
     """
 
     def __init__(self, units: int, projection: str = "bjorck", kernel_initializer="orthogonal", **kwargs):
-        _refuse_bias(kwargs, "DPSpectralDense")
+        _refuse_unbounded_options(kwargs, "DPSpectralDense")
         super().__init__(units, use_bias=False, kernel_initializer=kernel_initializer, **kwargs)
         self.projection = _check_projection(projection)
 
@@ -170,7 +182,7 @@ class DPSpectralConv2D(DPLayer, tf.keras.layers.Conv2D):
         kernel_initializer="orthogonal",
         **kwargs,
     ):
-        _refuse_bias(kwargs, "DPSpectralConv2D")
+        _refuse_unbounded_options(kwargs, "DPSpectralConv2D")
         if kwargs.get("dilation_rate", 1) not in (1, (1, 1)) or kwargs.get("groups", 1) != 1:
             raise ValueError("DPSpectralConv2D supports neither dilation nor groups: its bound assumes dense 1-dilated taps.")
         if kwargs.get("data_format", "channels_last") not in ("channels_last", None):
@@ -245,10 +257,22 @@ class DPAddBias(DPLayer, tf.keras.layers.Layer):
 
 class DPGroupSort(DPLayer, GroupSort):
     """deel-lip's GroupSort: sorts each group of channels. A permutation of its input
-    (per example), so norm preserving and 1-Lipschitz."""
+    (per example), so norm preserving and 1-Lipschitz, and its backward pass must be the
+    transposed permutation. deel-lip's groups of 2 use min/max, whose gradient at a tie
+    sends both output gradients to one input ((g1, g2) -> (g1 + g2, 0): up to sqrt(2) G);
+    here pairs are ordered with ``tf.where``, which routes each gradient to one input."""
 
     def __init__(self, group_size: int = 2, **kwargs):
+        _refuse_unbounded_options(kwargs, "DPGroupSort")
         super().__init__(n=group_size, **kwargs)
+
+    def call(self, inputs):
+        if self.n != 2:
+            return super().call(inputs)  # tf.sort: its gradient is a permutation
+        first, second = tf.split(tf.reshape(inputs, self.flat_shape), 2, axis=-1)
+        in_order = first <= second
+        pairs = tf.concat([tf.where(in_order, first, second), tf.where(in_order, second, first)], axis=-1)
+        return tf.reshape(pairs, self.out_shape)
 
     def get_config(self):
         config = super().get_config()
@@ -262,6 +286,7 @@ class DPScaledL2NormPooling2D(DPLayer, ScaledL2NormPooling2D):
     (deel-lip's backward pass divides by ``norm + eps``: never larger.)"""
 
     def __init__(self, pool_size=(2, 2), **kwargs):
+        _refuse_unbounded_options(kwargs, "DPScaledL2NormPooling2D")
         pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
         pool_size, strides = pair(pool_size), kwargs.pop("strides", None)
         if strides is not None and pair(strides) != pool_size:
@@ -271,6 +296,10 @@ class DPScaledL2NormPooling2D(DPLayer, ScaledL2NormPooling2D):
 
 class DPGlobalL2NormPooling2D(DPLayer, ScaledGlobalL2NormPooling2D):
     """deel-lip's global L2-norm pooling: one norm per channel, ``||out|| = ||x||``."""
+
+    def __init__(self, **kwargs):
+        _refuse_unbounded_options(kwargs, "DPGlobalL2NormPooling2D")
+        super().__init__(**kwargs)
 
 
 class DPFlatten(DPLayer, tf.keras.layers.Flatten):
@@ -324,6 +353,26 @@ def chain_bounds(layers: Sequence[DPLayer], input_bound: float, output_gradient_
         gradient = layer.input_gradient_bound(gradient)
     chain.input_gradient_bound = gradient
     return chain
+
+
+def nested_layers(layers: Sequence[tf.keras.layers.Layer]):
+    """Every layer, with the branches of residual blocks, in order."""
+    for layer in layers:
+        yield layer
+        if isinstance(layer, DPResidual):
+            yield from nested_layers(layer.branch)
+
+
+def check_no_shared_layers(layers: Sequence[tf.keras.layers.Layer]) -> None:
+    """A layer used twice would get one bound for two gradient contributions: refuse it."""
+    seen = set()
+    for layer in nested_layers(layers):
+        if id(layer) in seen:
+            raise ValueError(
+                f"Layer '{layer.name}' is used twice in the model: its gradient would sum two "
+                "contributions under one bound. Use separate layer objects."
+            )
+        seen.add(id(layer))
 
 
 def check_dp_layer(layer) -> None:

@@ -50,24 +50,6 @@ def noise_stddevs(bounds: list[float], noise_multiplier: float, strategy: str) -
     return [noise_multiplier * math.sqrt(len(bounds)) * b for b in bounds]
 
 
-class StepConstants(tf.Module):
-    """The train step's run constants, as variables so that a cached train function
-    follows a new fit: the expected batch size qN and one noise std per variable.
-    (A tf.Module, so they stay out of ``model.weights``.)"""
-
-    def __init__(self):
-        super().__init__(name="dp_step_constants")
-        self.expected_batch_size = tf.Variable(1.0, trainable=False)
-        self.noise_stddevs = None
-
-    def set(self, expected_batch_size: float, stddevs: list[float]) -> None:
-        self.expected_batch_size.assign(expected_batch_size)
-        if self.noise_stddevs is None:
-            self.noise_stddevs = [tf.Variable(0.0, trainable=False) for _ in stddevs]
-        for variable, std in zip(self.noise_stddevs, stddevs):
-            variable.assign(std)
-
-
 class DPSequential(tf.keras.Sequential):
     """A Sequential model of DP layers, trained privately (or not, for comparison).
 
@@ -85,7 +67,10 @@ class DPSequential(tf.keras.Sequential):
             raise TypeError(f"dp_parameters must be a lipdp.DPParameters or None, got {dp_parameters!r}.")
         self.dp_parameters = dp_parameters
         self.privacy_ledger = PrivacyLedger()
-        self._step_constants = StepConstants()
+        # The noise must be secret: never drawn from the global seed that users set for
+        # reproducible initialisations (tf.keras.utils.set_random_seed).
+        self._noise_generator = tf.random.Generator.from_non_deterministic_state()
+        self._expected_batch_size = None  # qN, set by prepare_run
 
     # ------------------------------------------------------------------ construction
     def add(self, layer):
@@ -98,6 +83,9 @@ class DPSequential(tf.keras.Sequential):
         for option in ("loss_weights", "weighted_metrics"):
             if kwargs.get(option) is not None:
                 raise ValueError(f"{option} is not supported by DP models: it would reweight examples.")
+        if tf.keras.mixed_precision.global_policy().compute_dtype != "float32":
+            raise ValueError("DP models compute in float32: reduced precision would void the bounds' float32 margin. "
+                             "Set tf.keras.mixed_precision.set_global_policy('float32').")
         if kwargs.setdefault("steps_per_execution", 1) != 1:
             raise ValueError("steps_per_execution must be 1: the privacy budget is checked after every step.")
         kwargs.setdefault("jit_compile", False)  # XLA on CPU: slow or hanging compiles, see DESIGN §4b
@@ -129,18 +117,27 @@ class DPSequential(tf.keras.Sequential):
         return dict(zip(names, stds))
 
     def prepare_run(self, sampling_rate: float, num_examples: int) -> None:
-        """Set the step constants (expected batch size qN, noise stds) and open a ledger segment."""
-        self._step_constants.set(sampling_rate * num_examples, list(self.noise_stddevs().values()))
-        if self.is_private:
-            self.privacy_ledger.begin(sampling_rate, self.dp_parameters.noise_multiplier)
+        """Fix this fit's expected batch size and open a ledger segment (sigma = 0 for a
+        non-private run: its steps then make epsilon infinite)."""
+        self._expected_batch_size = sampling_rate * num_examples
+        self.train_function = None  # retrace: the step bakes in its constants
+        sigma = self.dp_parameters.noise_multiplier if self.is_private else 0.0
+        self.privacy_ledger.begin(sampling_rate, sigma)
 
     # ------------------------------------------------------------------ the DP step
     def noisy_mean_gradients(self, summed_gradients: list[tf.Tensor]) -> list[tf.Tensor]:
-        """(sum of per-example gradients + N(0, std_k^2)) / (q N), variable by variable."""
-        constants = self._step_constants
+        """(sum of per-example gradients + N(0, std_k^2)) / (q N), for the gradients of
+        ``self.trainable_variables``. The stds are computed here, when the step is traced,
+        for exactly the variables being trained (Keras may restore the trainable state of
+        compile time inside fit)."""
+        variables = self.trainable_variables
+        if len(summed_gradients) != len(variables):
+            raise ValueError(f"Expected {len(variables)} gradients, one per trainable variable, got {len(summed_gradients)}.")
+        stds = self.noise_stddevs()
         return [
-            (gradient + tf.random.normal(tf.shape(gradient), stddev=std)) / constants.expected_batch_size
-            for gradient, std in zip(summed_gradients, constants.noise_stddevs)
+            (gradient + self._noise_generator.normal(tf.shape(gradient), stddev=stds[v.name]) if stds[v.name] else gradient)
+            / self._expected_batch_size
+            for gradient, v in zip(summed_gradients, variables)
         ]
 
     def train_step(self, data):
@@ -153,9 +150,14 @@ class DPSequential(tf.keras.Sequential):
         gradients = self.noisy_mean_gradients(tape.gradient(summed_loss, variables))
         self.optimizer.apply_gradients(zip(gradients, variables))
         self.project()
-        if self.is_private:
-            self.privacy_ledger.record_step()
+        self.privacy_ledger.record_step()
         return self.compute_metrics(x, y, logits, sample_weight=None)
+
+    def train_on_batch(self, *args, **kwargs):
+        raise TypeError(
+            "DP models train through fit(x, y, batch_size=...): a batch chosen by hand is not a "
+            "Poisson sample, so the accountant's epsilon would not hold."
+        )
 
     # ------------------------------------------------------------------------- fit
     def fit(
@@ -175,7 +177,11 @@ class DPSequential(tf.keras.Sequential):
         """Train on arrays with Poisson-sampled batches of *expected* size ``batch_size``.
 
         Training metrics (loss, accuracy) are computed on private batches: they are
-        *not* covered by the privacy guarantee. Validation metrics on held-out data are.
+        *not* covered by the privacy guarantee, and callbacks that act on them (early
+        stopping on "loss", ...) make training depend on them. Validation metrics on
+        held-out data are fine. ``sampling_seed`` is for tests: batches drawn from a known
+        or reused seed are no longer secret, which voids the sampling part of the
+        guarantee; leave it None (fresh OS entropy) for private training.
         """
         for option in ("sample_weight", "class_weight", "validation_split", "steps_per_epoch", "shuffle"):
             if kwargs.pop(option, None) is not None:
@@ -215,12 +221,24 @@ def check_training_arrays(x, y, num_classes: int) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"x and y must hold the same, positive number of examples, got {len(x)} and {len(y)}.")
     if not np.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values: clean the data before training (nothing was trained).")
-    labels = y if y.ndim == 1 or y.shape[-1] == 1 else np.argmax(y, axis=-1)
-    if not np.issubdtype(labels.dtype, np.integer) and not np.all(labels == np.round(labels)):
-        raise ValueError("Integer class labels (or one-hot vectors) are expected in y.")
-    if labels.min() < 0 or labels.max() >= num_classes:
+    if not np.isfinite(np.linalg.norm(x.reshape(len(x), -1), axis=1)).all():
+        raise ValueError("Some examples are so large that their norm overflows float32: rescale x (e.g. pixels / 255).")
+    check_labels(y, num_classes)
+    return x, y
+
+
+def check_labels(y: np.ndarray, num_classes: int) -> None:
+    """Integer labels in [0, K-1], or exact one-hot rows: the loss constants assume them."""
+    if y.ndim == 2 and y.shape[1] == num_classes and num_classes > 1:
+        if not (np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all()):
+            raise ValueError("One-hot labels must be rows of 0s with a single 1: the loss bounds assume it.")
+        return
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+        raise ValueError(f"y must hold integer class labels (shape (N,)) or one-hot rows (shape (N, {num_classes})).")
+    if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(
             f"Labels must lie in [0, {num_classes - 1}] for a model with {num_classes} outputs, "
-            f"got values from {labels.min()} to {labels.max()}."
+            f"got values from {y.min()} to {y.max()}."
         )
-    return x, y

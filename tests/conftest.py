@@ -1,10 +1,9 @@
 """Shared helpers: independent per-example gradients (a plain loop, not lipdp's code)."""
 
+import lipdp  # noqa: I001  (first: switches to legacy Keras and quiets TensorFlow's start-up logs)
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import lipdp  # noqa: F401  (switches to legacy Keras before tf.keras is used)
 
 
 def loop_per_example_gradient_norms(model, x, y):

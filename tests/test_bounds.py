@@ -247,3 +247,20 @@ def test_bounds_hold_after_training_updates(digits):
     ratio = worst_ratio(model, x[:64], y[:64])
     assert ratio <= 1.0
     assert ratio > 0.05  # the check measures something
+
+
+def test_groupsort_ties_stay_within_bounds():
+    """Equal kernel columns put every GroupSort pair at a tie, and equal rows in the next
+    kernel send it equal gradients (g, g): deel-lip's min/max backward pass returns
+    (2g, 0), sqrt(2) times too long, which measured 1.21 x the bound here."""
+    rng = np.random.default_rng(5)
+    model = compiled([L.DPBoundedInput(1.0, input_shape=(4,)), L.DPSpectralDense(2, projection="rescale"),
+                      L.DPGroupSort(2), L.DPSpectralDense(NUM_CLASSES, projection="rescale")], losses.DPMulticlassKR())
+    column = rng.normal(size=(4, 1))
+    model.layers[1].kernel.assign(np.hstack([column, column]).astype(np.float32))
+    model.layers[1].project()
+    model.layers[3].kernel.assign(np.array([[1.0, 0, 0, 0], [1.0, 0, 0, 0]], np.float32) / np.sqrt(2))
+    model.layers[3].project()
+    x = rng.normal(size=(16, 4)).astype(np.float32) * 5
+    ratio = worst_ratio(model, x, np.zeros(16, np.int64))
+    assert 0.8 < ratio <= 1.0

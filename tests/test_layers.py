@@ -127,6 +127,11 @@ def test_residual_branch_must_keep_the_shape():
     (lambda: L.DPAddBias(-1.0), "norm_max"),
     (lambda: L.DPResidual([]), "at least one"),
     (lambda: L.DPResidual([tf.keras.layers.Dense(3)]), "no per-example gradient bound"),
+    (lambda: L.DPSpectralDense(4, activation="sigmoid"), "activation"),
+    (lambda: L.DPSpectralConv2D(4, 3, activation="selu"), "activation"),
+    (lambda: L.DPGroupSort(2, k_coef_lip=10.0), "k_coef_lip"),
+    (lambda: L.DPScaledL2NormPooling2D(2, k_coef_lip=2.0), "k_coef_lip"),
+    (lambda: L.DPGlobalL2NormPooling2D(k_coef_lip=2.0), "k_coef_lip"),
 ])
 def test_bad_layer_arguments_are_refused(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -144,3 +149,24 @@ def test_layer_configs_round_trip():
     assert [type(layer) for layer in clone.layers] == [type(layer) for layer in model.layers]
     assert clone.layers[1].projection == "rescale"
     assert clone.layers[3].n == 2
+
+
+def test_groupsort_backward_is_a_permutation_at_ties():
+    """At ties, deel-lip's min/max GroupSort sends both output gradients to one input
+    (up to sqrt(2) times the gradient norm); DPGroupSort's backward pass is a permutation."""
+    from deel.lip.layers import GroupSort
+
+    x = tf.constant([[1.0, 1.0, 0.0, 0.0, -2.0, -2.0]])
+    upstream = tf.constant([[1.0, 1.0, 3.0, 3.0, 0.5, 0.5]])  # min/max: (g1, g2) -> (g1 + g2, 0) at a tie
+
+    def input_gradient(layer):
+        layer.build(x.shape)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            inner = tf.reduce_sum(layer(x) * upstream)
+        return tape.gradient(inner, x)
+
+    ours = input_gradient(L.DPGroupSort(2))
+    assert abs(float(tf.norm(ours)) - float(tf.norm(upstream))) < 1e-6
+    assert float(tf.norm(input_gradient(GroupSort(n=2)))) > 1.2 * float(tf.norm(upstream))
+    np.testing.assert_array_equal(L.DPGroupSort(2)(x).numpy(), GroupSort(n=2)(x).numpy())
