@@ -26,6 +26,8 @@ import tensorflow as tf
 from deel.lip.layers import GroupSort, ScaledGlobalL2NormPooling2D, ScaledL2NormPooling2D
 from deel.lip.normalizers import bjorck_normalization
 
+from lipdp.validation import positive_number
+
 # Projections aim a little below 1 so that float32 rounding of the projected kernel
 # (relative error ~6e-8 per entry) cannot push the exact norm above 1.
 PROJECTION_TARGET = 1.0 - 1e-5
@@ -116,9 +118,7 @@ class DPBoundedInput(DPLayer, tf.keras.layers.Layer):
 
     def __init__(self, radius: float, **kwargs):
         super().__init__(**kwargs)
-        if not (math.isfinite(radius) and radius > 0):
-            raise ValueError(f"DPBoundedInput radius must be a positive number, got {radius}.")
-        self.radius = float(radius)
+        self.radius = positive_number("DPBoundedInput radius", radius)
 
     def call(self, inputs):
         # x * (R / max(||x||, R)), not tf.clip_by_norm's (x * R) / max(||x||, R): with huge
@@ -229,9 +229,7 @@ class DPAddBias(DPLayer, tf.keras.layers.Layer):
 
     def __init__(self, norm_max: float, **kwargs):
         super().__init__(**kwargs)
-        if not (math.isfinite(norm_max) and norm_max > 0):
-            raise ValueError(f"DPAddBias norm_max must be a positive number, got {norm_max}.")
-        self.norm_max = float(norm_max)
+        self.norm_max = positive_number("DPAddBias norm_max", norm_max)
 
     def build(self, input_shape):
         self.positions = math.prod(int(d) for d in input_shape[1:-1])

@@ -20,6 +20,8 @@ import math
 import tensorflow as tf
 from deel.lip.losses import TauCategoricalCrossentropy, multiclass_hinge
 
+from lipdp.validation import positive_number
+
 NONE = tf.keras.losses.Reduction.NONE
 
 
@@ -30,13 +32,6 @@ def _as_one_hot(y_true, y_pred):
         return tf.cast(y_true, y_pred.dtype)
     labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
     return tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value}.")
-    return value
 
 
 class DPLoss(tf.keras.losses.Loss):
@@ -75,7 +70,7 @@ class DPTauCategoricalCrossentropy(DPLoss):
 
     def __init__(self, tau: float, reduction=NONE, name: str = "DPTauCategoricalCrossentropy"):
         super().__init__(name, reduction)
-        self.tau = _positive("tau", tau)
+        self.tau = positive_number("tau", tau)
         self._deel_lip_loss = TauCategoricalCrossentropy(self.tau)
 
     def per_example_loss(self, y_true, y_pred):
@@ -98,7 +93,7 @@ class DPMulticlassHinge(DPLoss):
 
     def __init__(self, min_margin: float = 1.0, reduction=NONE, name: str = "DPMulticlassHinge"):
         super().__init__(name, reduction)
-        self.min_margin = _positive("min_margin", min_margin)
+        self.min_margin = positive_number("min_margin", min_margin)
 
     def per_example_loss(self, y_true, y_pred):
         return multiclass_hinge(y_true, y_pred, self.min_margin)
@@ -154,8 +149,8 @@ class DPMulticlassHKR(DPLoss):
 
     def __init__(self, alpha: float = 10.0, min_margin: float = 1.0, reduction=NONE, name: str = "DPMulticlassHKR"):
         super().__init__(name, reduction)
-        self.alpha = _positive("alpha", alpha, allow_zero=True)
-        self.min_margin = _positive("min_margin", min_margin)
+        self.alpha = positive_number("alpha", alpha, allow_zero=True)
+        self.min_margin = positive_number("min_margin", min_margin)
 
     def per_example_loss(self, y_true, y_pred):
         return per_example_kr(y_true, y_pred) + self.alpha * multiclass_hinge(y_true, y_pred, self.min_margin)
@@ -179,7 +174,7 @@ class DPKCosineSimilarity(DPLoss):
 
     def __init__(self, K: float = 1.0, reduction=NONE, name: str = "DPKCosineSimilarity"):
         super().__init__(name, reduction)
-        self.K = _positive("K", K)
+        self.K = positive_number("K", K)
 
     def per_example_loss(self, y_true, y_pred):
         direction = tf.linalg.l2_normalize(y_true, axis=-1)
