@@ -22,12 +22,12 @@ from lipdp.losses import check_dp_loss
 FLOAT32_SLACK = 1e-5
 
 
-def top_gradient_bound(model) -> float:
+def top_gradient_bound(model, loss=None) -> float:
     """G_top: the bound on one example's ``||dl/dlogits||``, the loss's constant L."""
-    return check_dp_loss(model.loss).lipschitz_constant(int(model.output_shape[-1]))
+    return check_dp_loss(loss or model.loss).lipschitz_constant(int(model.output_shape[-1]))
 
 
-def bound_chain(model) -> ChainBounds:
+def bound_chain(model, loss=None) -> ChainBounds:
     """Input-norm bounds X_k and gradient-norm bounds G_k layer by layer, and the
     parameter-gradient bounds, for one example."""
     layers = model.layers
@@ -37,13 +37,14 @@ def bound_chain(model) -> ChainBounds:
             "layer, so that every example's norm is at most the radius."
         )
     check_no_shared_layers(layers)
-    return chain_bounds(layers, math.inf, top_gradient_bound(model))
+    return chain_bounds(layers, math.inf, top_gradient_bound(model, loss))
 
 
-def gradient_bounds(model) -> dict[str, float]:
+def gradient_bounds(model, loss=None) -> dict[str, float]:
     """``{variable name: bound on one example's ||dl_i/dtheta||_F}`` for every trainable
-    variable (the bound for one example's own loss, not divided by the batch size)."""
-    bounds = bound_chain(model).parameter_bounds
+    variable (the bound for one example's own loss, not divided by the batch size).
+    ``loss`` defaults to the compiled one. The bounds hold for the current weights."""
+    bounds = bound_chain(model, loss).parameter_bounds
     names = [variable.name for variable in model.trainable_variables]
     if len(set(names)) != len(names):
         raise ValueError(f"Trainable variable names are not unique: {names}. Give the layers distinct names.")

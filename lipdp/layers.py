@@ -87,6 +87,13 @@ def project_matrix(matrix: tf.Tensor, method: str, gain: float = 1.0) -> tf.Tens
     return tf.cast(tf.cast(matrix, tf.float64) * scale, matrix.dtype)
 
 
+def current_value(compute) -> float:
+    """Evaluate ``compute()`` eagerly, even while a train step is being traced: bounds are
+    Python numbers that the step bakes in."""
+    with tf.init_scope():
+        return float(compute())
+
+
 def _check_projection(projection: str) -> str:
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}.")
@@ -149,6 +156,12 @@ class DPSpectralDense(DPLayer, tf.keras.layers.Dense):
         super().build(input_shape)
         self.project()  # bounds hold from construction on
 
+    @property
+    def lipschitz_bound(self) -> float:
+        """1, which the projection guarantees; the exact sigma_max(W) when weights set by
+        hand exceed it (fit projects them before any step)."""
+        return max(1.0, current_value(lambda: exact_spectral_norm(self.kernel)))
+
     def parameter_gradient_bounds(self, input_bound, output_gradient_bound):
         return {self.kernel.name: input_bound * output_gradient_bound}
 
@@ -203,6 +216,12 @@ class DPSpectralConv2D(DPLayer, tf.keras.layers.Conv2D):
         super().build(input_shape)
         self.project()
 
+    @property
+    def lipschitz_bound(self) -> float:
+        """1, which the projection guarantees, or sqrt(n) sigma_max(W) if larger."""
+        matrix = lambda: tf.reshape(self.kernel, (-1, self.kernel.shape[-1]))  # noqa: E731
+        return max(1.0, math.sqrt(self.overlap) * current_value(lambda: exact_spectral_norm(matrix())))
+
     def parameter_gradient_bounds(self, input_bound, output_gradient_bound):
         return {self.kernel.name: math.sqrt(self.overlap) * input_bound * output_gradient_bound}
 
@@ -240,7 +259,8 @@ class DPAddBias(DPLayer, tf.keras.layers.Layer):
         return inputs + self.bias
 
     def output_bound(self, input_bound: float) -> float:
-        return input_bound + math.sqrt(self.positions) * self.norm_max
+        norm = max(self.norm_max, current_value(lambda: tf.norm(self.bias)))  # a bias set by hand may exceed it
+        return input_bound + math.sqrt(self.positions) * norm
 
     def parameter_gradient_bounds(self, input_bound, output_gradient_bound):
         return {self.bias.name: math.sqrt(self.positions) * output_gradient_bound}

@@ -33,7 +33,9 @@ def training_defaults(info: DatasetInfo) -> TrainingDefaults:
         return TrainingDefaults("dense", 512, 40, 1e-2, 20.0)
     if info.name == "cifar10":
         return TrainingDefaults("resnet", 1024, 10, 1e-3, 160.0)
-    return TrainingDefaults("conv", min(1024, max(32, info.num_train // 16)), 10, 1e-3, 160.0)
+    # MNIST-size images: the dense preset beat the conv one on Fashion-MNIST at epsilon = 3
+    # (81.0 % in 12 s against 76.5 % in 110 s): conv kernel bounds are loose (see benchmarks/).
+    return TrainingDefaults("dense", min(1024, max(32, info.num_train // 16)), 10, 1e-3, 160.0)
 
 
 def _dense(info: DatasetInfo):

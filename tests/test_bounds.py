@@ -264,3 +264,24 @@ def test_groupsort_ties_stay_within_bounds():
     x = rng.normal(size=(16, 4)).astype(np.float32) * 5
     ratio = worst_ratio(model, x, np.zeros(16, np.int64))
     assert 0.8 < ratio <= 1.0
+
+
+def test_bounds_follow_weights_set_by_hand():
+    """Unprojected weights (set_weights, a loaded file) enlarge the bounds instead of
+    voiding them; fit projects them back before any step."""
+    rng = np.random.default_rng(7)
+    model = compiled([L.DPBoundedInput(1.0, input_shape=(6, 6, 2)), L.DPSpectralConv2D(4, 3), L.DPAddBias(0.5),
+                      L.DPGroupSort(2), L.DPFlatten(), L.DPSpectralDense(NUM_CLASSES)], losses.DPMulticlassKR())
+    projected = lipdp.gradient_bounds(model)
+    model.set_weights([w * 3 for w in model.get_weights()])
+    assert all(lipdp.gradient_bounds(model)[name] > projected[name] for name in projected if "conv" not in name)
+    assert_bounds_hold(model, rng, (6, 6, 2), 1.0, adversarial=False)
+    x, y = rng.normal(size=(8, 6, 6, 2)).astype(np.float32), rng.integers(0, NUM_CLASSES, 8)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert lipdp.gradient_bounds(model) == pytest.approx(projected)
+
+
+def test_bounds_of_an_uncompiled_model():
+    model = lipdp.DPSequential([L.DPBoundedInput(2.0, input_shape=(3,)), L.DPSpectralDense(NUM_CLASSES)])
+    bounds = lipdp.gradient_bounds(model, loss=losses.DPMulticlassKR())
+    assert list(bounds.values()) == pytest.approx([2.0 * math.sqrt(NUM_CLASSES / (NUM_CLASSES - 1))], rel=1e-4)
