@@ -163,7 +163,7 @@ def calibrate_noise_multiplier(
                 bracket_interval=dp_accounting.LowerEndpointAndGuess(lower, guess), tol=CALIBRATION_TOLERANCE * guess,
             )
 
-    if epsilon_of(event(MIN_NOISE_MULTIPLIER), delta, "rdp") <= target_epsilon:
+    if epsilon_of(event(MIN_NOISE_MULTIPLIER), delta, accountant, coarse=True) <= target_epsilon:
         raise ValueError(
             f"epsilon={target_epsilon} is reached even with sigma={MIN_NOISE_MULTIPLIER}; "
             "lipdp does not calibrate below that. Pass a noise multiplier directly instead."
@@ -172,11 +172,20 @@ def calibrate_noise_multiplier(
     if accountant == "pld":
         lower = max(MIN_NOISE_MULTIPLIER, sigma / 2)
         if epsilon_of(event(lower), delta, "pld", coarse=True) <= target_epsilon:
-            lower = MIN_NOISE_MULTIPLIER
+            lower = MIN_NOISE_MULTIPLIER  # epsilon(MIN) > target was checked above
         sigma = search("pld", lower, sigma)
     while compute_epsilon(sigma, sampling_rate, steps, delta, accountant) > target_epsilon:
         sigma *= 1 + CALIBRATION_TOLERANCE
     return float(sigma)
+
+
+def epsilon_curve(
+    noise_multiplier: float, sampling_rate: float, steps: int, delta: float, points: int = 12
+) -> tuple[list[int], list[float]]:
+    """epsilon after 1..steps steps at ``points`` step counts, for plots. Uses the coarse
+    PLD grid: still an upper bound on epsilon, ten times faster."""
+    grid = sorted({max(1, round(steps * k / (points - 1))) for k in range(points)})
+    return grid, [epsilon_of(dp_sgd_event(noise_multiplier, sampling_rate, t), delta, coarse=True) for t in grid]
 
 
 def _largest_true(predicate, lower: int, upper: int) -> int:

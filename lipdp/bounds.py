@@ -9,6 +9,7 @@ tests and teaching plots.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -54,19 +55,23 @@ def gradient_bounds(model, loss=None) -> dict[str, float]:
     return {name: bounds[name] * (1.0 + FLOAT32_SLACK) for name in names}
 
 
+_VECTORISED = weakref.WeakKeyDictionary()  # model -> its compiled per-example gradient function
+
+
 def per_example_gradients(model, x, y) -> list[tf.Tensor]:
     """One gradient per example and variable, shape (batch, *variable.shape),
-    computed with ``tf.vectorized_map`` (each example's own loss, training mode)."""
-    x = tf.convert_to_tensor(x, tf.float32)
-    y = tf.convert_to_tensor(y)
+    computed with ``tf.vectorized_map`` (each example's own loss, training mode).
+    The vectorised function is compiled once per model."""
+    if model not in _VECTORISED:
 
-    def one_example(example):
-        xi, yi = example
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model.loss(yi[None], model(xi[None], training=True)))
-        return tape.gradient(loss, model.trainable_variables)
+        def one_example(example):
+            xi, yi = example
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model.loss(yi[None], model(xi[None], training=True)))
+            return tape.gradient(loss, model.trainable_variables)
 
-    return tf.vectorized_map(one_example, (x, y))
+        _VECTORISED[model] = tf.function(lambda x, y: tf.vectorized_map(one_example, (x, y)), reduce_retracing=True)
+    return _VECTORISED[model](tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
 
 
 def per_example_gradient_norms(model, x, y) -> dict[str, np.ndarray]:
@@ -77,4 +82,19 @@ def per_example_gradient_norms(model, x, y) -> dict[str, np.ndarray]:
     return {
         variable.name: tf.norm(tf.reshape(gradient, (gradient.shape[0], -1)), axis=1).numpy()
         for variable, gradient in zip(model.trainable_variables, gradients)
+    }
+
+
+def noise_to_signal(model, x, y, expected_batch_size: float) -> dict[str, float]:
+    """Per variable: the expected norm of the noise on the averaged gradient,
+    std * sqrt(d) / (qN), over the norm of the mean gradient on (x, y).
+    On training data this is not private; use held-out data to show it."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    with tf.GradientTape() as tape:
+        mean_loss = tf.reduce_mean(model.loss(y, model(x, training=True)))
+    gradients = tape.gradient(mean_loss, model.trainable_variables)
+    stds = model.noise_stddevs()
+    return {
+        v.name: stds[v.name] * math.sqrt(int(np.prod(v.shape))) / expected_batch_size / max(float(tf.norm(g)), 1e-12)
+        for v, g in zip(model.trainable_variables, gradients)
     }

@@ -13,8 +13,10 @@ once from the image format, never computed from the data at run time.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import socket
 import zipfile
 from dataclasses import dataclass
 
@@ -40,6 +42,29 @@ class DatasetInfo:
 
 
 Split = tuple  # (x: float32 array (N, H, W, C), y: int64 array (N,))
+
+
+@functools.lru_cache(maxsize=1)
+def internet_available(timeout: float = 2.0) -> bool:
+    """Whether TensorFlow Datasets' storage answers (offline, tfds.load retries for minutes)."""
+    try:
+        socket.create_connection(("storage.googleapis.com", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def available() -> list[str]:
+    """Dataset names that load here: digits always, TFDS ones when online."""
+    return list(DATASETS) if internet_available() else ["digits"]
+
+
+def load_or_digits(name: str) -> tuple[Split, Split, DatasetInfo]:
+    """``load(name)`` when online, else the offline digits (with a printed notice)."""
+    if name == "digits" or internet_available():
+        return load(name)
+    print(f"{name} needs internet to download; using scikit-learn's digits instead.")
+    return load("digits")
 
 
 def default_radius(input_shape: tuple) -> float:
