@@ -13,9 +13,7 @@ here re-implements either: lipdp only builds events and searches over parameters
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from dataclasses import dataclass
 import dp_accounting
 import tensorflow as tf
 from dp_accounting import pld, rdp
+
+from lipdp.quiet import quiet
 
 ACCOUNTANTS = ("pld", "rdp")
 NEIGHBOURING_RELATION = "add or remove one training example"
@@ -114,17 +114,10 @@ def epsilon_of(event: dp_accounting.DpEvent, delta: float, accountant: str = "pl
         return float(make_accountant(accountant, coarse).compose(event).get_epsilon(delta))
 
 
-@contextlib.contextmanager
 def quiet_rdp_warnings():
     """dp_accounting's RDP accountant logs a warning for every Renyi order it drops
     (harmless: the bound stays valid); keep them out of a learner's output."""
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logger.setLevel(level)
+    return quiet("absl")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from lipdp.layers import ChainBounds, DPBoundedInput, chain_bounds, check_no_shared_layers
 from lipdp.losses import check_dp_loss
+from lipdp.quiet import quiet
 
 # Bounds are inflated by this relative slack so that float32 rounding in the forward and
 # backward passes (relative errors ~1e-7 per operation) cannot make a measured norm
@@ -71,7 +72,8 @@ def per_example_gradients(model, x, y) -> list[tf.Tensor]:
             return tape.gradient(loss, model.trainable_variables)
 
         _VECTORISED[model] = tf.function(lambda x, y: tf.vectorized_map(one_example, (x, y)), reduce_retracing=True)
-    return _VECTORISED[model](tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
+    with quiet("tensorflow"):  # pfor warns that conv filter gradients fall back to a loop: harmless
+        return _VECTORISED[model](tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
 
 
 def per_example_gradient_norms(model, x, y) -> dict[str, np.ndarray]:
