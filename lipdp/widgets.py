@@ -39,6 +39,17 @@ def figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def relabel(model, by_variable: dict) -> dict:
+    """Variable names -> stable labels ("2. DPSpectralDense kernel"), the same for every
+    model the playground builds (Keras numbers each new layer's name afresh)."""
+    labels = {}
+    for position, layer in enumerate(model.layers):
+        for variable in layer.trainable_variables:
+            short = variable.name.split("/")[-1].split(":")[0]
+            labels[variable.name] = f"{position}. {type(layer).__name__} {short}"
+    return {labels[name]: value for name, value in by_variable.items()}
+
+
 class LivePlots(tf.keras.callbacks.Callback):
     """After every epoch: held-out accuracy, per-example gradient norms on held-out data
     against the bounds, and epsilon spent against the budget, drawn into Image widgets."""
@@ -96,7 +107,8 @@ class Playground:
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.readout_html = w.HTML()
         self.status = w.HTML("Move a slider: the readout follows at once. Then press Train.")
-        self.images = {name: w.Image(format="png") for name in ("accuracy", "gradients", "budget")}
+        self.images = {name: w.Image(format="png", layout=w.Layout(width="auto", max_width="100%"))
+                       for name in ("accuracy", "gradients", "budget")}
         self.train_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         for control in self.controls.values():
@@ -155,7 +167,7 @@ class Playground:
             sigma = v["sigma"]
         epsilon = accounting.compute_epsilon(sigma, q, steps, v["delta"])
         model, loss, _ = self._model(info, None)
-        bounds = gradient_bounds(model, loss)
+        bounds = relabel(model, gradient_bounds(model, loss))
         stds = dict(zip(bounds, noise_stddevs(list(bounds.values()), sigma, "global")))
         return {"noise_multiplier": sigma, "epsilon": epsilon, "sampling_rate": q, "steps": steps,
                 "expected_batch_size": v["batch_size"], "noise_stddevs": stds, "bounds": bounds}
@@ -168,7 +180,7 @@ class Playground:
             self.readout_html.value = f"<b style='color:crimson'>{error}</b>"
             return
         rows = "".join(
-            f"<tr><td>{name.split(':')[0]}</td><td>{r['bounds'][name]:.3g}</td><td>{std:.3g}</td></tr>"
+            f"<tr><td>{name}</td><td>{r['bounds'][name]:.3g}</td><td>{std:.3g}</td></tr>"
             for name, std in r["noise_stddevs"].items()
         )
         self.readout_html.value = (
@@ -238,7 +250,7 @@ class Playground:
         curve, budget = self._budget
         figures = {
             "accuracy": plots.accuracy(history),
-            "gradients": plots.gradient_norms(norms, gradient_bounds(model)),
+            "gradients": plots.gradient_norms(relabel(model, norms), relabel(model, gradient_bounds(model))),
             "budget": plots.privacy_budget(curve, budget=budget, steps_taken=model.privacy_ledger.steps),
         }
         for name, figure in figures.items():
