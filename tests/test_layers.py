@@ -170,3 +170,15 @@ def test_groupsort_backward_is_a_permutation_at_ties():
     assert abs(float(tf.norm(ours)) - float(tf.norm(upstream))) < 1e-6
     assert float(tf.norm(input_gradient(GroupSort(n=2)))) > 1.2 * float(tf.norm(upstream))
     np.testing.assert_array_equal(L.DPGroupSort(2)(x).numpy(), GroupSort(n=2)(x).numpy())
+
+
+def test_larger_groups_route_tied_gradients_as_a_permutation():
+    x = tf.constant([[2.0, 2.0, 2.0, -1.0]])
+    upstream = tf.constant([[1.0, 2.0, 3.0, 4.0]])
+    layer = L.DPGroupSort(4)
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        inner = tf.reduce_sum(layer(x) * upstream)
+    gradient = tape.gradient(inner, x).numpy()
+    np.testing.assert_allclose(np.sort(gradient.ravel()), [1.0, 2.0, 3.0, 4.0])
