@@ -111,6 +111,7 @@ class Playground:
                        for name in ("accuracy", "gradients", "budget")}
         self.train_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
+        self.controls["dataset"].observe(lambda change: self.fit_controls_to(self._data(change["new"])[2]), names="value")
         for control in self.controls.values():
             control.observe(lambda _: self._refresh(), names="value")
         self.widget = w.VBox([
@@ -120,6 +121,14 @@ class Playground:
             self.images["gradients"],
         ])
         self._refresh()
+
+    def fit_controls_to(self, info: datasets.DatasetInfo) -> None:
+        """Ranges and defaults for a newly chosen dataset (batch size up to N, its radius)."""
+        defaults = presets.training_defaults(info)
+        batch, radius = self.controls["batch_size"], self.controls["radius"]
+        batch.max, batch.value = info.num_train, min(defaults.batch_size, info.num_train)
+        radius.max, radius.value = 4 * info.input_radius, info.input_radius
+        self.controls["learning_rate"].value = defaults.learning_rate
 
     # ----------------------------------------------------------------- headless API
     def set(self, **values) -> None:

@@ -54,3 +54,13 @@ def test_stop_ends_a_background_run_early(playground):
 def test_unknown_control_is_refused(playground):
     with pytest.raises(ValueError, match="Unknown control"):
         playground.set(temperature=3)
+
+
+def test_controls_follow_a_newly_chosen_dataset(playground):
+    info = playground._info()
+    bigger = info.__class__(**{**info.__dict__, "num_train": 60000, "input_radius": 5.6, "name": "mnist"})
+    playground.fit_controls_to(bigger)
+    assert playground.controls["batch_size"].max == 60000 and playground.controls["radius"].value == 5.6
+    playground.fit_controls_to(info)
+    assert playground.controls["batch_size"].max == info.num_train
+    assert playground.controls["radius"].value == info.input_radius
