@@ -25,8 +25,11 @@ FLOAT32_SLACK = 1e-5
 
 
 def top_gradient_bound(model, loss=None) -> float:
-    """G_top: the bound on one example's ``||dl/dlogits||``, the loss's constant L."""
-    return check_dp_loss(loss or model.loss).lipschitz_constant(int(model.output_shape[-1]))
+    """G_top: the bound on one example's ``||dl/dlogits||``: the loss's constant L, or the
+    model's loss-gradient clipping threshold C when that is smaller."""
+    bound = check_dp_loss(loss or model.loss).lipschitz_constant(int(model.output_shape[-1]))
+    clip = getattr(model, "loss_gradient_clip", None)
+    return bound if clip is None else min(bound, clip)
 
 
 def bound_chain(model, loss=None) -> ChainBounds:
@@ -64,11 +67,13 @@ def per_example_gradients(model, x, y) -> list[tf.Tensor]:
     computed with ``tf.vectorized_map`` (each example's own loss, training mode).
     The vectorised function is compiled once per model."""
     if model not in _VECTORISED:
+        # As the train step computes them: DP models may transform the logits' gradient.
+        training_logits = getattr(model, "training_logits", lambda x: model(x, training=True))
 
         def one_example(example):
             xi, yi = example
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(model.loss(yi[None], model(xi[None], training=True)))
+                loss = tf.reduce_sum(model.loss(yi[None], training_logits(xi[None])))
             return tape.gradient(loss, model.trainable_variables)
 
         _VECTORISED[model] = tf.function(lambda x, y: tf.vectorized_map(one_example, (x, y)), reduce_retracing=True)

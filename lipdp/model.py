@@ -24,6 +24,7 @@ from lipdp.bounds import gradient_bounds
 from lipdp.layers import check_dp_layer
 from lipdp.losses import check_dp_loss
 from lipdp.sampling import expected_batch_size_to_rate, poisson_dataset, steps_per_epoch
+from lipdp.validation import positive_number
 
 NOISE_STRATEGIES = ("global", "per-layer")
 
@@ -50,19 +51,27 @@ def noise_stddevs(bounds: list[float], noise_multiplier: float, strategy: str) -
     return [noise_multiplier * math.sqrt(len(bounds)) * b for b in bounds]
 
 
-class DPSequential(tf.keras.Sequential):
-    """A Sequential model of DP layers, trained privately (or not, for comparison).
+def clip_row_gradients(logits: tf.Tensor, clip_norm: float) -> tf.Tensor:
+    """Identity on the logits whose backward pass clips each row of the incoming gradient to
+    norm ``clip_norm``. With per-example losses, row i of d(sum_j l_j)/dz is dl_i/dz_i, so
+    this clips every example's loss gradient: G_top = min(L, C)."""
 
-    ``dp_parameters=None`` trains without noise (and without a privacy guarantee), with
-    the same Poisson batches, scaling and projection. Residual blocks enter as
-    :class:`lipdp.layers.DPResidual` layers.
+    @tf.custom_gradient
+    def identity(z):
+        return tf.identity(z), lambda upstream: tf.clip_by_norm(upstream, clip_norm, axes=[1])
 
-    ``fit(x, y, batch_size=B, epochs=E)`` takes arrays: B is the *expected* batch size,
-    batches are Poisson-sampled at q = B / N, and one epoch is round(N / B) steps.
+    return identity(logits)
+
+
+class PrivateTraining:
+    """What every lipdp training mode shares: Poisson-sampled ``fit`` on arrays, the
+    secret noise, division by the expected batch size, the ledger and the statement.
+
+    A mode defines ``summed_gradients(x, y) -> (logits, per-variable sums of per-example
+    gradients)``, ``noise_stddevs()`` and ``project()``.
     """
 
-    def __init__(self, layers=None, dp_parameters: DPParameters | None = None, name: str | None = None):
-        super().__init__(layers=layers, name=name)
+    def _init_privacy(self, dp_parameters: DPParameters | None) -> None:
         if dp_parameters is not None and not isinstance(dp_parameters, DPParameters):
             raise TypeError(f"dp_parameters must be a lipdp.DPParameters or None, got {dp_parameters!r}.")
         self.dp_parameters = dp_parameters
@@ -72,14 +81,8 @@ class DPSequential(tf.keras.Sequential):
         self._noise_generator = tf.random.Generator.from_non_deterministic_state()
         self._expected_batch_size = None  # qN, set by prepare_run
 
-    # ------------------------------------------------------------------ construction
-    def add(self, layer):
-        if not isinstance(layer, tf.keras.layers.InputLayer):  # an input placeholder is the identity
-            check_dp_layer(layer)
-        super().add(layer)
-
-    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
-        check_dp_loss(loss)
+    @staticmethod
+    def _check_compile_options(kwargs: dict) -> None:
         for option in ("loss_weights", "weighted_metrics"):
             if kwargs.get(option) is not None:
                 raise ValueError(f"{option} is not supported by DP models: it would reweight examples.")
@@ -89,32 +92,16 @@ class DPSequential(tf.keras.Sequential):
         if kwargs.setdefault("steps_per_execution", 1) != 1:
             raise ValueError("steps_per_execution must be 1: the privacy budget is checked after every step.")
         kwargs.setdefault("jit_compile", False)  # XLA on CPU: slow or hanging compiles, see DESIGN §4b
-        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     @property
     def is_private(self) -> bool:
         return self.dp_parameters is not None
 
-    def project(self) -> None:
-        """Restore every layer's Lipschitz constraint (post-processing)."""
-        for layer in self.layers:
-            layer.project()
-
-    # ------------------------------------------------------------------------ privacy
     def privacy_statement(self, accountant: str = "pld") -> PrivacyStatement:
         """(epsilon, delta) of everything this model has trained on so far."""
         if not self.is_private:
             raise ValueError("This model trains without privacy (dp_parameters=None): it has no epsilon.")
         return self.privacy_ledger.statement(self.dp_parameters.delta, accountant)
-
-    def noise_stddevs(self) -> dict[str, float]:
-        """Std of the Gaussian noise added to each variable's summed gradient."""
-        if not self.is_private:
-            return {v.name: 0.0 for v in self.trainable_variables}
-        bounds = gradient_bounds(self)
-        names = [v.name for v in self.trainable_variables]
-        stds = noise_stddevs([bounds[n] for n in names], self.dp_parameters.noise_multiplier, self.dp_parameters.noise_strategy)
-        return dict(zip(names, stds))
 
     def prepare_run(self, sampling_rate: float, num_examples: int) -> None:
         """Fix this fit's expected batch size and open a ledger segment (sigma = 0 for a
@@ -142,13 +129,9 @@ class DPSequential(tf.keras.Sequential):
 
     def train_step(self, data):
         x, y = data
-        with tf.GradientTape() as tape:
-            logits = self(x, training=True)
-            per_example_loss = self.compiled_loss(y, logits)  # reduction NONE: one per example
-            summed_loss = tf.reduce_sum(per_example_loss)
-        variables = self.trainable_variables
-        gradients = self.noisy_mean_gradients(tape.gradient(summed_loss, variables))
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        logits, summed = self.summed_gradients(x, y)
+        gradients = self.noisy_mean_gradients(summed)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         self.project()
         self.privacy_ledger.record_step()
         return self.compute_metrics(x, y, logits, sample_weight=None)
@@ -190,7 +173,7 @@ class DPSequential(tf.keras.Sequential):
                     "itself (pass validation data explicitly as validation_data=(x, y))."
                 )
         if self.loss is None:
-            raise RuntimeError("Compile the model with a lipdp loss before fit().")
+            raise RuntimeError("Compile the model with a loss before fit().")
         if self.losses:
             raise ValueError(
                 "The model has regularisation losses (kernel_regularizer, add_loss, ...): their "
@@ -206,6 +189,62 @@ class DPSequential(tf.keras.Sequential):
             dataset, epochs=epochs, steps_per_epoch=epoch_steps, callbacks=callbacks,
             validation_data=validation_data, initial_epoch=initial_epoch, verbose=verbose, **kwargs,
         )
+
+
+class DPSequential(PrivateTraining, tf.keras.Sequential):
+    """A Sequential model of DP layers, trained privately without clipping (or not at all).
+
+    ``dp_parameters=None`` trains without noise (and without a privacy guarantee), with
+    the same Poisson batches, scaling and projection. Residual blocks enter as
+    :class:`lipdp.layers.DPResidual` layers. ``loss_gradient_clip=C`` clips each
+    example's gradient w.r.t. the logits to norm C, which lowers every bound (and the
+    noise) by min(L, C) / L.
+
+    ``fit(x, y, batch_size=B, epochs=E)`` takes arrays: B is the *expected* batch size,
+    batches are Poisson-sampled at q = B / N, and one epoch is round(N / B) steps.
+    """
+
+    def __init__(self, layers=None, dp_parameters: DPParameters | None = None, name: str | None = None,
+                 loss_gradient_clip: float | None = None):
+        super().__init__(layers=layers, name=name)
+        self._init_privacy(dp_parameters)
+        self.loss_gradient_clip = None if loss_gradient_clip is None else positive_number(
+            "loss_gradient_clip", loss_gradient_clip)
+
+    def add(self, layer):
+        if not isinstance(layer, tf.keras.layers.InputLayer):  # an input placeholder is the identity
+            check_dp_layer(layer)
+        super().add(layer)
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        check_dp_loss(loss)
+        self._check_compile_options(kwargs)
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def project(self) -> None:
+        """Restore every layer's Lipschitz constraint (post-processing)."""
+        for layer in self.layers:
+            layer.project()
+
+    def noise_stddevs(self) -> dict[str, float]:
+        """Std of the Gaussian noise added to each variable's summed gradient."""
+        if not self.is_private:
+            return {v.name: 0.0 for v in self.trainable_variables}
+        bounds = gradient_bounds(self)
+        names = [v.name for v in self.trainable_variables]
+        stds = noise_stddevs([bounds[n] for n in names], self.dp_parameters.noise_multiplier, self.dp_parameters.noise_strategy)
+        return dict(zip(names, stds))
+
+    def training_logits(self, x):
+        """The logits as the train step differentiates them (loss-gradient clipping included)."""
+        logits = self(x, training=True)
+        return logits if self.loss_gradient_clip is None else clip_row_gradients(logits, self.loss_gradient_clip)
+
+    def summed_gradients(self, x, y):
+        with tf.GradientTape() as tape:
+            logits = self.training_logits(x)
+            summed_loss = tf.reduce_sum(self.compiled_loss(y, logits))  # reduction NONE: one per example
+        return logits, tape.gradient(summed_loss, self.trainable_variables)
 
 
 def check_training_arrays(x, y, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

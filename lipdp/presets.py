@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tensorflow as tf
+
 from lipdp import layers as L
 from lipdp import losses
 from lipdp.datasets import DatasetInfo
@@ -68,6 +70,20 @@ def build_model(preset: str, info: DatasetInfo, dp_parameters: DPParameters | No
         raise ValueError(f"Unknown model preset {preset!r}: use one of {PRESETS}.")
     first = L.DPBoundedInput(info.input_radius, input_shape=info.input_shape)
     return DPSequential([first, *body[preset](info)], dp_parameters=dp_parameters)
+
+
+def build_keras_model(preset: str, info: DatasetInfo) -> tf.keras.Sequential:
+    """The unconstrained Keras counterpart of a preset (ReLU, biases, max pooling), for
+    DP-SGD with per-example clipping; "resnet" maps to the conv network."""
+    K = tf.keras.layers
+    if preset == "dense":
+        body = [K.Flatten(), K.Dense(64, activation="relu")]
+    elif preset in ("conv", "resnet"):
+        body = [K.Conv2D(16, 3, padding="same", activation="relu"), K.MaxPooling2D(2),
+                K.Conv2D(32, 3, padding="same", activation="relu"), K.MaxPooling2D(2), K.Flatten()]
+    else:
+        raise ValueError(f"Unknown model preset {preset!r}: use one of {PRESETS}.")
+    return tf.keras.Sequential([K.InputLayer(input_shape=info.input_shape), *body, K.Dense(info.num_classes)])
 
 
 def make_loss(name: str, info: DatasetInfo, logit_scale: float) -> losses.DPLoss:
