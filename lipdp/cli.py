@@ -15,10 +15,12 @@ import tensorflow as tf
 
 from lipdp import accounting, datasets, presets
 from lipdp.callbacks import PrivacyBudget
+from lipdp.clipping import DPClippedModel
 from lipdp.model import DPParameters
 from lipdp.sampling import expected_batch_size_to_rate, steps_per_epoch
 
 DEFAULT_EPSILON = 3.0
+MODES = ("clipless", "clipped", "non-private")
 
 
 def default_delta(num_examples: int) -> float:
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delta", type=float, help="delta (default: 1e-5, or below 1/N)")
     train.add_argument("--epochs", type=int, help="epochs of round(N / batch size) steps (default per dataset)")
     train.add_argument("--batch-size", type=int, help="the *expected* batch size of Poisson sampling (default per dataset)")
+    train.add_argument("--mode", choices=MODES, default="clipless",
+                       help="clipless (default), clipped (DP-SGD with per-example clipping), non-private")
+    train.add_argument("--clip", type=float, default=1.0, help="per-example clipping norm C of --mode clipped")
     train.add_argument("--loss", choices=presets.LOSSES, default="tau-cce")
     train.add_argument("--model", choices=presets.PRESETS, help="model preset (default per dataset)")
     train.add_argument("--lr", type=float, help="Adam learning rate (default per dataset)")
@@ -63,6 +68,10 @@ def _check_arguments(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}.")
+    if not (math.isfinite(args.clip) and args.clip > 0):
+        raise ValueError(f"--clip must be a positive number, got {args.clip}.")
+    if args.mode == "non-private" and (args.epsilon is not None or args.noise_multiplier is not None):
+        raise ValueError("--mode non-private adds no noise: drop --epsilon / --noise-multiplier.")
 
 
 def train(args) -> dict:
@@ -78,16 +87,19 @@ def train(args) -> dict:
     batch_size = args.batch_size or defaults.batch_size
     sampling_rate = expected_batch_size_to_rate(batch_size, info.num_train)
     steps = epochs * steps_per_epoch(info.num_train, batch_size)
-    target = None if args.noise_multiplier else (args.epsilon or DEFAULT_EPSILON)
-    sigma = args.noise_multiplier or accounting.calibrate_noise_multiplier(target, sampling_rate, steps, delta)
+    private = args.mode != "non-private"
+    target = None if args.noise_multiplier or not private else (args.epsilon or DEFAULT_EPSILON)
+    sigma = args.noise_multiplier or (
+        accounting.calibrate_noise_multiplier(target, sampling_rate, steps, delta) if private else None)
 
     if args.seed is not None:  # the initial weights only: batches and noise stay secret
         tf.keras.utils.set_random_seed(args.seed)
     model_name = args.model or defaults.model
-    model = presets.build_model(model_name, info, DPParameters(sigma, delta))
+    model = _build(args, info, model_name, DPParameters(sigma, delta) if private else None)
     model.compile(
         optimizer=tf.keras.optimizers.Adam(args.lr or defaults.learning_rate),
-        loss=presets.make_loss(args.loss, info, defaults.logit_scale),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True) if args.mode == "clipped"
+        else presets.make_loss(args.loss, info, defaults.logit_scale),
         metrics=["accuracy"],
     )
     callbacks = [PrivacyBudget(target)] if target else []
@@ -100,24 +112,41 @@ def train(args) -> dict:
     )
     seconds = time.perf_counter() - start
     _, test_accuracy = model.evaluate(x_test, y_test, verbose=0)
-    statement = model.privacy_statement()
+    statement = model.privacy_statement() if private else None
     return {
-        "dataset": info.name, "model": model_name, "loss": args.loss,
-        "test_accuracy": float(test_accuracy), "epsilon": statement.epsilon, "target_epsilon": target,
-        "delta": delta, "noise_multiplier": sigma, "sampling_rate": sampling_rate,
-        "expected_batch_size": batch_size, "epochs": len(history.epoch), "steps": statement.steps,
-        "seconds": round(seconds, 2), "sampling": statement.sampling,
-        "neighbouring_relation": statement.neighbouring_relation, "accountant": statement.accountant,
-        "statement": repr(statement),
+        "dataset": info.name, "mode": args.mode, "model": model_name,
+        "loss": "cross-entropy" if args.mode == "clipped" else args.loss,
+        "clip": args.clip if args.mode == "clipped" else None,
+        "test_accuracy": float(test_accuracy),
+        "epsilon": statement.epsilon if private else None,  # null: no privacy guarantee
+        "target_epsilon": target, "delta": delta if private else None, "noise_multiplier": sigma,
+        "sampling_rate": sampling_rate, "expected_batch_size": batch_size, "epochs": len(history.epoch),
+        "steps": model.privacy_ledger.steps, "seconds": round(seconds, 2), "sampling": "Poisson sampling",
+        "neighbouring_relation": accounting.NEIGHBOURING_RELATION, "accountant": "pld",
+        "statement": repr(statement) if private else "no privacy guarantee: trained without noise",
     }
 
 
+def _build(args, info, model_name: str, dp_parameters):
+    """The clipless DP model, or for --mode clipped the unconstrained Keras counterpart
+    wrapped for per-example clipping."""
+    if args.mode == "clipped":
+        return DPClippedModel(presets.build_keras_model(model_name, info), dp_parameters, clip_norm=args.clip)
+    return presets.build_model(model_name, info, dp_parameters)
+
+
 def summary(result: dict) -> str:
+    if result["epsilon"] is None:
+        privacy = ["epsilon         none: trained without noise (no privacy guarantee)"]
+    else:
+        privacy = [
+            f"epsilon         {result['epsilon']:.3f}" + (f"   (target {result['target_epsilon']})" if result["target_epsilon"] else ""),
+            f"delta           {result['delta']:.3g}",
+            f"sigma           {result['noise_multiplier']:.4f}   (noise multiplier)",
+        ]
     return "\n".join([
-        f"test accuracy   {result['test_accuracy']:.4f}   ({result['dataset']}, held-out test set)",
-        f"epsilon         {result['epsilon']:.3f}" + (f"   (target {result['target_epsilon']})" if result["target_epsilon"] else ""),
-        f"delta           {result['delta']:.3g}",
-        f"sigma           {result['noise_multiplier']:.4f}   (noise multiplier)",
+        f"test accuracy   {result['test_accuracy']:.4f}   ({result['dataset']}, held-out test set, {result['mode']})",
+        *privacy,
         f"steps           {result['steps']}   ({result['epochs']} epochs, expected batch {result['expected_batch_size']}, q = {result['sampling_rate']:.4g})",
         f"seconds         {result['seconds']:.1f}",
         f"guarantee       {result['statement']}",

@@ -89,6 +89,20 @@ def test_train_digits_json():
     assert "test accuracy" in result.stdout and "epsilon" in result.stdout
 
 
+@pytest.mark.parametrize("mode", ["clipped", "non-private"])
+def test_train_other_modes_json(mode):
+    result = run_cli("train", "--json", "--epochs", "5", "--mode", mode)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = last_json_line(result.stdout)
+    assert out["mode"] == mode and out["test_accuracy"] > 0.5 and out["steps"] == 5 * round(DIGITS_TRAIN / 512)
+    if mode == "clipped":
+        assert out["epsilon"] <= cli.DEFAULT_EPSILON and out["clip"] == 1.0
+        assert out["epsilon"] == pytest.approx(
+            direct_pld_epsilon(out["noise_multiplier"], out["sampling_rate"], out["steps"], out["delta"]), rel=1e-6)
+    else:
+        assert out["epsilon"] is None and "no privacy" in out["statement"]
+
+
 def test_train_npz_json(tmp_path):
     path = write_mnist_like_npz(tmp_path / "bands.npz")
     result = run_cli("train", "--json", "--dataset", path, "--epochs", "2")
@@ -133,13 +147,15 @@ def _error_cases(tmp_path):
         "lr -1": ["--lr", "-1"],
         "unknown dataset": ["--dataset", "no-such-dataset"],
         "npz missing arrays": ["--dataset", str(partial)],
+        "clip 0": ["--mode", "clipped", "--clip", "0"],
+        "non-private with epsilon": ["--mode", "non-private", "--epsilon", "3"],
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["epsilon 0", "epsilon -1", "epsilon nan", "delta 0", "delta 1.5", "noise 0", "noise -2", "batch > N",
-     "batch 0", "epochs 0", "lr -1", "unknown dataset", "npz missing arrays"],
+     "batch 0", "epochs 0", "lr -1", "unknown dataset", "npz missing arrays", "clip 0", "non-private with epsilon"],
 )
 def test_bad_arguments_exit_2_with_a_message(case, tmp_path, capsys):
     argv = ["train", *_error_cases(tmp_path)[case]]
