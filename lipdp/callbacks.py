@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import tensorflow as tf
 
 from lipdp.accounting import BudgetExhaustedError, check_epsilon, max_steps
+from lipdp.bounds import gradient_bounds, noise_to_signal, per_example_gradient_norms
 
 
 class PrivacyBudget(tf.keras.callbacks.Callback):
@@ -67,3 +71,43 @@ class PrivacyBudget(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["epsilon"] = self.model.privacy_statement(self.accountant).epsilon
+
+
+class GradientMonitor(tf.keras.callbacks.Callback):
+    """Per variable, every ``every`` epochs: per-example gradient norms on (x, y) against
+    the bounds, the fraction of the bound used (max and median), and the signal-to-noise
+    ratio of the averaged gradient (||mean gradient|| / expected noise norm).
+
+    Give it held-out data. Computed on training data, these numbers are not covered by
+    the privacy guarantee: pass ``on_training_data=True`` and they are labelled so.
+    ``records`` holds one dict per measured epoch; ``latest_norms`` feeds the plots.
+    """
+
+    def __init__(self, x, y, every: int = 1, on_training_data: bool = False):
+        super().__init__()
+        self.x, self.y, self.every, self.on_training_data = x, y, every, on_training_data
+        self.records: list[dict] = []
+        self.latest_norms: dict | None = None
+
+    @property
+    def label(self) -> str:
+        return "training data: not private" if self.on_training_data else "held-out data"
+
+    def due(self, epoch: int) -> bool:
+        last = epoch + 1 == self.params.get("epochs") or self.model.stop_training
+        return (epoch + 1) % self.every == 0 or last
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.due(epoch):
+            return
+        bounds = gradient_bounds(self.model)
+        norms = per_example_gradient_norms(self.model, self.x, self.y)
+        ratios = noise_to_signal(self.model, self.x, self.y, self.model._expected_batch_size)
+        self.latest_norms = norms
+        self.records.append({
+            "epoch": epoch + 1,
+            "data": self.label,
+            "max_fraction_of_bound": {n: float(norms[n].max() / b) for n, b in bounds.items()},
+            "median_fraction_of_bound": {n: float(np.median(norms[n]) / b) for n, b in bounds.items()},
+            "signal_to_noise": {n: (1.0 / r if r else math.inf) for n, r in ratios.items()},
+        })

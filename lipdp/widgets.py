@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from lipdp import accounting, datasets, losses, plots, presets
-from lipdp.bounds import gradient_bounds, per_example_gradient_norms
+from lipdp.bounds import gradient_bounds
+from lipdp.callbacks import GradientMonitor
 from lipdp.model import DPParameters, noise_stddevs
 from lipdp.sampling import expected_batch_size_to_rate, steps_per_epoch
 
@@ -50,14 +51,18 @@ def relabel(model, by_variable: dict) -> dict:
     return {labels[name]: value for name, value in by_variable.items()}
 
 
-class LivePlots(tf.keras.callbacks.Callback):
-    """After every epoch: held-out accuracy, per-example gradient norms on held-out data
-    against the bounds, and epsilon spent against the budget, drawn into Image widgets."""
+class LivePlots(GradientMonitor):
+    """The Playground's monitor: on held-out data, at most MAX_REDRAWS times a run, it
+    measures per-example gradients against their bounds and redraws the three plots
+    (held-out accuracy, gradient norms vs bounds, epsilon spent vs budget)."""
 
     def __init__(self, playground: "Playground", x_monitor, y_monitor):
-        super().__init__()
-        self.playground, self.x_monitor, self.y_monitor = playground, x_monitor, y_monitor
+        super().__init__(x_monitor, y_monitor)
+        self.playground = playground
         self.history: dict[str, list] = {}
+
+    def on_train_begin(self, logs=None):
+        self.every = max(1, self.params["epochs"] // MAX_REDRAWS)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.playground.stop_requested:
@@ -66,10 +71,9 @@ class LivePlots(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
-        every = max(1, self.params["epochs"] // MAX_REDRAWS)
-        if (epoch + 1) % every == 0 or epoch + 1 == self.params["epochs"] or self.model.stop_training:
-            norms = per_example_gradient_norms(self.model, self.x_monitor, self.y_monitor)
-            self.playground.show_training(self.model, self.history, norms)
+        if self.due(epoch):
+            super().on_epoch_end(epoch, logs)
+            self.playground.show_training(self.model, self.history, self.latest_norms)
 
 
 class Playground:
