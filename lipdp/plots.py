@@ -99,3 +99,14 @@ def bound_propagation(model) -> Figure:
     for axes in (left, right):
         axes.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="x-small")
     return figure
+
+
+def mode_comparison(results: dict[str, dict]) -> Figure:
+    """Test accuracy and training time per mode ({mode: {'test_accuracy', 'seconds'}})."""
+    modes = list(results)
+    figure, (left, right) = _figure(width=4.0, columns=2)
+    left.bar(modes, [results[m]["test_accuracy"] for m in modes], color="steelblue")
+    left.set(ylabel="test accuracy", ylim=(0, 1), title="Accuracy (held-out test set)")
+    right.bar(modes, [results[m]["seconds"] for m in modes], color="darkorange")
+    right.set(ylabel="seconds", title="Training time")
+    return figure

@@ -67,3 +67,9 @@ def test_noise_to_signal_and_bound_propagation(trained):
 def test_privacy_utility_curve():
     figure = plots.privacy_utility([{"epsilon": 3, "test_accuracy": 0.8}, {"epsilon": 1, "test_accuracy": 0.6}])
     np.testing.assert_array_equal(figure.axes[0].lines[0].get_xdata(), [1, 3])
+
+
+def test_mode_comparison_has_one_bar_per_mode():
+    figure = plots.mode_comparison({"clipless": {"test_accuracy": 0.9, "seconds": 5.0},
+                                    "clipped": {"test_accuracy": 0.92, "seconds": 6.0}})
+    assert [len(axes.patches) for axes in figure.axes] == [2, 2]
