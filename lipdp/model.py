@@ -21,10 +21,10 @@ import tensorflow as tf
 
 from lipdp.accounting import PrivacyLedger, PrivacyStatement, check_delta, check_noise_multiplier
 from lipdp.bounds import gradient_bounds
-from lipdp.layers import check_dp_layer
+from lipdp.layers import check_dp_layer, current_value
 from lipdp.losses import check_dp_loss
 from lipdp.sampling import expected_batch_size_to_rate, poisson_dataset, steps_per_epoch
-from lipdp.validation import positive_number
+from lipdp.loss_clipping import AdaptiveClipping, LossGradientClip, clip_row_gradients
 
 NOISE_STRATEGIES = ("global", "per-layer")
 
@@ -49,18 +49,6 @@ def noise_stddevs(bounds: list[float], noise_multiplier: float, strategy: str) -
     if strategy == "global":
         return [noise_multiplier * math.sqrt(sum(b * b for b in bounds))] * len(bounds)
     return [noise_multiplier * math.sqrt(len(bounds)) * b for b in bounds]
-
-
-def clip_row_gradients(logits: tf.Tensor, clip_norm: float) -> tf.Tensor:
-    """Identity on the logits whose backward pass clips each row of the incoming gradient to
-    norm ``clip_norm``. With per-example losses, row i of d(sum_j l_j)/dz is dl_i/dz_i, so
-    this clips every example's loss gradient: G_top = min(L, C)."""
-
-    @tf.custom_gradient
-    def identity(z):
-        return tf.identity(z), lambda upstream: tf.clip_by_norm(upstream, clip_norm, axes=[1])
-
-    return identity(logits)
 
 
 class PrivateTraining:
@@ -120,12 +108,16 @@ class PrivateTraining:
         variables = self.trainable_variables
         if len(summed_gradients) != len(variables):
             raise ValueError(f"Expected {len(variables)} gradients, one per trainable variable, got {len(summed_gradients)}.")
-        stds = self.noise_stddevs()
+        stds = self.step_noise_stddevs()
         return [
-            (gradient + self._noise_generator.normal(tf.shape(gradient), stddev=stds[v.name]) if stds[v.name] else gradient)
+            (gradient + self._noise_generator.normal(tf.shape(gradient), stddev=stds[v.name]) if self.is_private else gradient)
             / self._expected_batch_size
             for gradient, v in zip(summed_gradients, variables)
         ]
+
+    def step_noise_stddevs(self) -> dict:
+        """The stds the step adds (floats, or tensors when they follow a variable)."""
+        return self.noise_stddevs()
 
     def train_step(self, data):
         x, y = data
@@ -205,11 +197,28 @@ class DPSequential(PrivateTraining, tf.keras.Sequential):
     """
 
     def __init__(self, layers=None, dp_parameters: DPParameters | None = None, name: str | None = None,
-                 loss_gradient_clip: float | None = None):
+                 loss_gradient_clip: float | None = None, adaptive_clipping: AdaptiveClipping | None = None):
         super().__init__(layers=layers, name=name)
         self._init_privacy(dp_parameters)
-        self.loss_gradient_clip = None if loss_gradient_clip is None else positive_number(
-            "loss_gradient_clip", loss_gradient_clip)
+        if loss_gradient_clip is not None and adaptive_clipping is not None:
+            raise ValueError("Give loss_gradient_clip (fixed C) or adaptive_clipping (adapted C), not both.")
+        if adaptive_clipping is not None:
+            if dp_parameters is None:
+                raise ValueError("adaptive_clipping releases a noisy count: it needs dp_parameters.")
+            adaptive_clipping.gradient_noise_multiplier(dp_parameters.noise_multiplier)  # checks the split
+            self._clip = LossGradientClip(adaptive_clipping.initial_clip, adaptive_clipping)
+        else:
+            self._clip = None if loss_gradient_clip is None else LossGradientClip(loss_gradient_clip)
+
+    @property
+    def loss_gradient_clip(self) -> float | None:
+        """The current loss-gradient clip C (None: no clipping)."""
+        return None if self._clip is None else current_value(lambda: self._clip.value)
+
+    @property
+    def clip_updates(self) -> int:
+        """Adaptive clip updates performed (each one a noisy-count release)."""
+        return 0 if self._clip is None else int(self._clip.updates.numpy())
 
     def add(self, layer):
         if not isinstance(layer, tf.keras.layers.InputLayer):  # an input placeholder is the identity
@@ -235,16 +244,42 @@ class DPSequential(PrivateTraining, tf.keras.Sequential):
         stds = noise_stddevs([bounds[n] for n in names], self.dp_parameters.noise_multiplier, self.dp_parameters.noise_strategy)
         return dict(zip(names, stds))
 
+    def step_noise_stddevs(self) -> dict:
+        """With adaptive clipping the bounds, hence the noise, follow the live C: all of them
+        are proportional to G_top = min(L, C). The gradient gets sigma_g, not sigma (the
+        count takes the rest of the step's budget)."""
+        stds = self.noise_stddevs()
+        if self._clip is None or self._clip.adaptive is None or not self.is_private:
+            return stds
+        loss_constant = self.loss.lipschitz_constant(int(self.output_shape[-1]))
+        traced_top = min(loss_constant, self.loss_gradient_clip)
+        live_top = tf.minimum(loss_constant, self._clip.value)
+        sigma = self.dp_parameters.noise_multiplier
+        share = self._clip.adaptive.gradient_noise_multiplier(sigma) / sigma
+        return {name: std * share * live_top / traced_top for name, std in stds.items()}
+
     def training_logits(self, x):
         """The logits as the train step differentiates them (loss-gradient clipping included)."""
         logits = self(x, training=True)
-        return logits if self.loss_gradient_clip is None else clip_row_gradients(logits, self.loss_gradient_clip)
+        return logits if self._clip is None else clip_row_gradients(logits, self._clip.value)
 
     def summed_gradients(self, x, y):
-        with tf.GradientTape() as tape:
-            logits = self.training_logits(x)
-            summed_loss = tf.reduce_sum(self.compiled_loss(y, logits))  # reduction NONE: one per example
-        return logits, tape.gradient(summed_loss, self.trainable_variables)
+        with tf.GradientTape(persistent=True) as tape:
+            logits = self(x, training=True)
+            clipped = logits if self._clip is None else clip_row_gradients(logits, self._clip.value)
+            summed_loss = tf.reduce_sum(self.compiled_loss(y, clipped))  # reduction NONE: one per example
+        gradients = tape.gradient(summed_loss, self.trainable_variables)
+        if self._clip is not None and self._clip.adaptive is not None:
+            # Row i: example i's own logit gradient, before clipping (what the count counts).
+            self._logit_gradient_norms = tf.norm(tape.gradient(summed_loss, clipped), axis=1)
+        del tape
+        return logits, gradients
+
+    def train_step(self, data):
+        metrics = super().train_step(data)
+        if self._clip is not None and self._clip.adaptive is not None:
+            self._clip.update(self._logit_gradient_norms, self._expected_batch_size, self._noise_generator)
+        return metrics
 
 
 def check_training_arrays(x, y, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

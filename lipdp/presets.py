@@ -64,14 +64,14 @@ def _resnet(info: DatasetInfo):
 
 
 def build_model(preset: str, info: DatasetInfo, dp_parameters: DPParameters | None,
-                loss_gradient_clip: float | None = None) -> DPSequential:
-    """An uncompiled DP model: input clipping to the dataset's radius, then the preset."""
+                **clipping) -> DPSequential:
+    """An uncompiled DP model: input clipping to the dataset's radius, then the preset.
+    ``clipping``: DPSequential's loss_gradient_clip or adaptive_clipping."""
     body = {"dense": _dense, "conv": _conv, "resnet": _resnet}
     if preset not in body:
         raise ValueError(f"Unknown model preset {preset!r}: use one of {PRESETS}.")
     first = L.DPBoundedInput(info.input_radius, input_shape=info.input_shape)
-    return DPSequential([first, *body[preset](info)], dp_parameters=dp_parameters,
-                        loss_gradient_clip=loss_gradient_clip)
+    return DPSequential([first, *body[preset](info)], dp_parameters=dp_parameters, **clipping)
 
 
 def build_keras_model(preset: str, info: DatasetInfo) -> tf.keras.Sequential:

@@ -106,6 +106,8 @@ class Playground:
                              description="input radius R"),
             "learning_rate": slider(w.FloatLogSlider, value=defaults.learning_rate, base=10, min=-4, max=-0.5,
                                     step=0.25, description="learning rate"),
+            "loss_clip": slider(w.FloatSlider, value=0.0, min=0.0, max=2.0, step=0.05,
+                                description="loss-gradient clip C (0: off)"),
         }
         self.train_button = w.Button(description="Train", button_style="success", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
@@ -164,7 +166,8 @@ class Playground:
         """The preset model for the dataset, with the chosen input radius."""
         defaults = presets.training_defaults(info)
         scaled = datasets.DatasetInfo(**{**info.__dict__, "input_radius": self.controls["radius"].value})
-        model = presets.build_model(defaults.model, scaled, dp_parameters)
+        clip = self.controls["loss_clip"].value or None
+        model = presets.build_model(defaults.model, scaled, dp_parameters, loss_gradient_clip=clip)
         return model, presets.make_loss("tau-cce", scaled, defaults.logit_scale), scaled
 
     def readout(self) -> dict:

@@ -64,3 +64,12 @@ def test_controls_follow_a_newly_chosen_dataset(playground):
     playground.fit_controls_to(info)
     assert playground.controls["batch_size"].max == info.num_train
     assert playground.controls["radius"].value == info.input_radius
+
+
+def test_the_loss_gradient_clip_lowers_the_noise_readout(playground):
+    playground.set(loss_clip=0.0)
+    full = list(playground.readout()["noise_stddevs"].values())
+    playground.set(loss_clip=0.5)  # below the tau cross-entropy's L = sqrt(2)
+    clipped = list(playground.readout()["noise_stddevs"].values())
+    assert clipped == pytest.approx([s * 0.5 / 2 ** 0.5 for s in full], rel=1e-5)
+    playground.set(loss_clip=0.0)
