@@ -22,6 +22,7 @@ class DPClippedModel(PrivateTraining, tf.keras.Model):
         self.inner = model
         self.clip_norm = positive_number("clip_norm", clip_norm)
         self._init_privacy(dp_parameters)
+        self.check_layers()
         if dp_parameters is not None and dp_parameters.noise_strategy != "global":
             raise ValueError("Clipped DP-SGD clips the whole gradient to C, so its noise is global: "
                              "use noise_strategy='global'.")

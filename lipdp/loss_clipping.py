@@ -80,10 +80,14 @@ class LossGradientClip(tf.Module):
         self.updates = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.adaptive = adaptive
 
-    def update(self, logit_gradient_norms: tf.Tensor, expected_batch_size: float, generator: tf.random.Generator):
-        """One step of the quantile estimator, with its noisy count."""
+    def update(self, logit_gradient_norms: tf.Tensor, expected_batch_size: float, generator: tf.random.Generator,
+               ceiling: float):
+        """One step of the quantile estimator, with its noisy count. C stays within
+        [1e-6 L, L]: above the loss constant L it clips nothing and changes no bound, and
+        a C driven to 0 (many exactly-zero hinge gradients) would divide by zero."""
         settings = self.adaptive
         below = tf.reduce_sum(tf.cast(logit_gradient_norms <= self.value, tf.float32))
         noisy_fraction = (below + generator.normal([], stddev=settings.count_noise_multiplier)) / expected_batch_size
-        self.value.assign(self.value * tf.exp(-settings.learning_rate * (noisy_fraction - settings.target_quantile)))
+        updated = self.value * tf.exp(-settings.learning_rate * (noisy_fraction - settings.target_quantile))
+        self.value.assign(tf.clip_by_value(updated, 1e-6 * ceiling, ceiling))
         self.updates.assign_add(1)

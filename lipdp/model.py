@@ -85,6 +85,22 @@ class PrivateTraining:
     def is_private(self) -> bool:
         return self.dp_parameters is not None
 
+    def check_layers(self) -> None:
+        """Refuse layers whose state training updates from private batches without noise
+        (BatchNormalization's moving statistics, any running average): trainable leaf
+        layers that hold non-trainable variables. Frozen layers are fine."""
+        stateful = [
+            layer.name for layer in self.submodules
+            if isinstance(layer, tf.keras.layers.Layer) and layer.trainable and layer.non_trainable_weights
+            and not any(isinstance(inner, tf.keras.layers.Layer) for inner in layer.submodules)
+        ]
+        if stateful:
+            raise TypeError(
+                f"Layers {stateful} keep statistics that training updates from private batches without "
+                "noise (BatchNormalization and the like also mix examples). Remove them, or use per-example "
+                "normalisation (LayerNormalization, GroupNormalization)."
+            )
+
     def privacy_statement(self, accountant: str = "pld") -> PrivacyStatement:
         """(epsilon, delta) of everything this model has trained on so far."""
         if not self.is_private:
@@ -166,6 +182,7 @@ class PrivateTraining:
                 )
         if self.loss is None:
             raise RuntimeError("Compile the model with a loss before fit().")
+        self.check_layers()  # layers may have been added since construction
         if self.losses:
             raise ValueError(
                 "The model has regularisation losses (kernel_regularizer, add_loss, ...): their "
@@ -241,22 +258,25 @@ class DPSequential(PrivateTraining, tf.keras.Sequential):
             return {v.name: 0.0 for v in self.trainable_variables}
         bounds = gradient_bounds(self)
         names = [v.name for v in self.trainable_variables]
-        stds = noise_stddevs([bounds[n] for n in names], self.dp_parameters.noise_multiplier, self.dp_parameters.noise_strategy)
+        sigma = self.dp_parameters.noise_multiplier
+        if self._clip is not None and self._clip.adaptive is not None:
+            sigma = self._clip.adaptive.gradient_noise_multiplier(sigma)  # the count takes the rest
+        stds = noise_stddevs([bounds[n] for n in names], sigma, self.dp_parameters.noise_strategy)
         return dict(zip(names, stds))
 
     def step_noise_stddevs(self) -> dict:
         """With adaptive clipping the bounds, hence the noise, follow the live C: all of them
-        are proportional to G_top = min(L, C). The gradient gets sigma_g, not sigma (the
-        count takes the rest of the step's budget)."""
+        are proportional to G_top = min(L, C)."""
         stds = self.noise_stddevs()
         if self._clip is None or self._clip.adaptive is None or not self.is_private:
             return stds
-        loss_constant = self.loss.lipschitz_constant(int(self.output_shape[-1]))
+        loss_constant = self._loss_constant()
         traced_top = min(loss_constant, self.loss_gradient_clip)
         live_top = tf.minimum(loss_constant, self._clip.value)
-        sigma = self.dp_parameters.noise_multiplier
-        share = self._clip.adaptive.gradient_noise_multiplier(sigma) / sigma
-        return {name: std * share * live_top / traced_top for name, std in stds.items()}
+        return {name: std * live_top / traced_top for name, std in stds.items()}
+
+    def _loss_constant(self) -> float:
+        return self.loss.lipschitz_constant(int(self.output_shape[-1]))
 
     def training_logits(self, x):
         """The logits as the train step differentiates them (loss-gradient clipping included)."""
@@ -278,7 +298,8 @@ class DPSequential(PrivateTraining, tf.keras.Sequential):
     def train_step(self, data):
         metrics = super().train_step(data)
         if self._clip is not None and self._clip.adaptive is not None:
-            self._clip.update(self._logit_gradient_norms, self._expected_batch_size, self._noise_generator)
+            self._clip.update(self._logit_gradient_norms, self._expected_batch_size, self._noise_generator,
+                              ceiling=self._loss_constant())
         return metrics
 
 

@@ -82,11 +82,13 @@ def test_empty_batches_are_valid_clipped_steps():
 @pytest.mark.parametrize("make, message", [
     (lambda: DPClippedModel(plain_model(), lipdp.DPParameters(1.0, 1e-5, "per-layer")), "global"),
     (lambda: DPClippedModel(plain_model(), lipdp.DPParameters(1.0, 1e-5), clip_norm=0.0), "clip_norm"),
+    (lambda: DPClippedModel(tf.keras.Sequential([tf.keras.layers.Dense(4, input_shape=(3,)),
+                                                 tf.keras.layers.BatchNormalization()]), None), "statistics"),
     (lambda: lipdp.DPSequential([L.DPBoundedInput(1.0, input_shape=(4,)), L.DPSpectralDense(3)], loss_gradient_clip=-1.0),
      "loss_gradient_clip"),
 ])
 def test_unsupported_combinations_are_refused(make, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         make()
 
 
@@ -175,8 +177,10 @@ def test_adaptive_noise_follows_the_live_clip_and_the_gradient_share(digits):
     fixed.compile(loss=losses.DPMulticlassHKR(2.0, 0.5))
     share = settings.gradient_noise_multiplier(2.0) / 2.0
     assert share == pytest.approx((1 - (2.0 / 8.0) ** 2) ** -0.5)
+    expected = [s * share for s in fixed.noise_stddevs().values()]
+    assert list(model.noise_stddevs().values()) == pytest.approx(expected, rel=1e-6)  # the public figure too
     live = {n: float(s) for n, s in model.step_noise_stddevs().items()}
-    assert list(live.values()) == pytest.approx([s * share for s in fixed.noise_stddevs().values()], rel=1e-6)
+    assert list(live.values()) == pytest.approx(expected, rel=1e-6)
     model._clip.value.assign(0.2)  # the step reads the variable: half the clip, half the noise
     assert [float(s) for s in model.step_noise_stddevs().values()] == pytest.approx([s / 2 for s in live.values()], rel=1e-5)
 
@@ -203,3 +207,27 @@ def test_adaptive_bounds_hold_for_the_current_clip(digits):
 def test_bad_adaptive_settings_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_stateful_layers_added_after_wrapping_are_refused_at_fit():
+    """The review's bypass: BatchNorm added to the inner model after wrapping updated its
+    moving statistics from private batches without noise."""
+    inner = tf.keras.Sequential([tf.keras.layers.Flatten(input_shape=(4,)), tf.keras.layers.Dense(3)])
+    model = DPClippedModel(inner, lipdp.DPParameters(1.0, 1e-5))
+    inner.add(tf.keras.layers.BatchNormalization())
+    model.compile("sgd", loss=CE)
+    with pytest.raises(TypeError, match="statistics"):
+        model.fit(np.zeros((20, 4), np.float32), np.zeros(20, np.int64), batch_size=4, verbose=0)
+
+
+def test_adaptive_clip_stays_within_its_range(digits):
+    """Hinge gradients are often exactly 0: with a low target quantile C would shrink to 0
+    (then NaN); it is held in [1e-6 L, L]."""
+    (x, y), _, info = digits
+    model = presets.build_model("dense", info, lipdp.DPParameters(2.0, 1e-5), adaptive_clipping=AdaptiveClipping(
+        initial_clip=1e-5, learning_rate=5.0, target_quantile=0.05))
+    model.compile(tf.keras.optimizers.Adam(1e-2), loss=losses.DPMulticlassHinge(0.1))
+    model.fit(x, y, batch_size=512, epochs=5, verbose=0)
+    bound = model.loss.lipschitz_constant(10)
+    assert 1e-6 * bound * (1 - 1e-6) <= model.loss_gradient_clip <= bound * (1 + 1e-6)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
