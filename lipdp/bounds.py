@@ -59,14 +59,17 @@ def gradient_bounds(model, loss=None) -> dict[str, float]:
     return {name: bounds[name] * (1.0 + FLOAT32_SLACK) for name in names}
 
 
-_VECTORISED = weakref.WeakKeyDictionary()  # model -> its compiled per-example gradient function
+_VECTORISED = weakref.WeakKeyDictionary()  # model -> (what it was compiled for, function)
 
 
 def per_example_gradients(model, x, y) -> list[tf.Tensor]:
     """One gradient per example and variable, shape (batch, *variable.shape),
     computed with ``tf.vectorized_map`` (each example's own loss, training mode).
-    The vectorised function is compiled once per model."""
-    if model not in _VECTORISED:
+    The vectorised function is compiled once per model, loss and set of trainable
+    variables (freezing a layer or recompiling builds a new one)."""
+    variables = model.trainable_variables
+    key = (id(model.loss), tuple(id(v) for v in variables))
+    if _VECTORISED.get(model, (None,))[0] != key:
         # As the train step computes them: DP models may transform the logits' gradient.
         training_logits = getattr(model, "training_logits", lambda x: model(x, training=True))
 
@@ -74,11 +77,11 @@ def per_example_gradients(model, x, y) -> list[tf.Tensor]:
             xi, yi = example
             with tf.GradientTape() as tape:
                 loss = tf.reduce_sum(model.loss(yi[None], training_logits(xi[None])))
-            return tape.gradient(loss, model.trainable_variables)
+            return tape.gradient(loss, variables)
 
-        _VECTORISED[model] = tf.function(lambda x, y: tf.vectorized_map(one_example, (x, y)), reduce_retracing=True)
+        _VECTORISED[model] = (key, tf.function(lambda x, y: tf.vectorized_map(one_example, (x, y)), reduce_retracing=True))
     with quiet("tensorflow"):  # pfor warns that conv filter gradients fall back to a loop: harmless
-        return _VECTORISED[model](tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
+        return _VECTORISED[model][1](tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y))
 
 
 def per_example_gradient_norms(model, x, y) -> dict[str, np.ndarray]:

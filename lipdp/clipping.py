@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from lipdp.bounds import per_example_gradients
 from lipdp.model import DPParameters, PrivateTraining
 from lipdp.validation import positive_number
 
@@ -53,15 +54,7 @@ class DPClippedModel(PrivateTraining, tf.keras.Model):
     def clipped_per_example_gradients(self, x, y) -> list[tf.Tensor]:
         """Per-example gradients (batch, *variable.shape), each scaled so that its norm over
         all variables together is at most C (unclipped when training without privacy)."""
-        variables = self.trainable_variables
-
-        def one_example(example):
-            xi, yi = example
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(self.loss(yi[None], self(xi[None], training=True)))
-            return tape.gradient(loss, variables)
-
-        gradients = tf.vectorized_map(one_example, (x, y))
+        gradients = per_example_gradients(self, x, y)
         if not self.is_private:
             return gradients
         squares = tf.add_n([tf.reduce_sum(tf.reshape(g * g, (tf.shape(g)[0], -1)), axis=1) for g in gradients])

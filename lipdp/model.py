@@ -285,13 +285,12 @@ class DPSequential(PrivateTraining, tf.keras.Sequential):
 
     def summed_gradients(self, x, y):
         with tf.GradientTape(persistent=True) as tape:
-            logits = self(x, training=True)
-            clipped = logits if self._clip is None else clip_row_gradients(logits, self._clip.value)
-            summed_loss = tf.reduce_sum(self.compiled_loss(y, clipped))  # reduction NONE: one per example
+            logits = self.training_logits(x)  # the clipping is the identity forward
+            summed_loss = tf.reduce_sum(self.compiled_loss(y, logits))  # reduction NONE: one per example
         gradients = tape.gradient(summed_loss, self.trainable_variables)
         if self._clip is not None and self._clip.adaptive is not None:
-            # Row i: example i's own logit gradient, before clipping (what the count counts).
-            self._logit_gradient_norms = tf.norm(tape.gradient(summed_loss, clipped), axis=1)
+            # Row i: example i's own logit gradient, as it reaches the clip (what the count counts).
+            self._logit_gradient_norms = tf.norm(tape.gradient(summed_loss, logits), axis=1)
         del tape
         return logits, gradients
 

@@ -168,7 +168,7 @@ class Playground:
         scaled = datasets.DatasetInfo(**{**info.__dict__, "input_radius": self.controls["radius"].value})
         clip = self.controls["loss_clip"].value or None
         model = presets.build_model(defaults.model, scaled, dp_parameters, loss_gradient_clip=clip)
-        return model, presets.make_loss("tau-cce", scaled, defaults.logit_scale), scaled
+        return model, presets.make_loss("tau-cce", scaled, defaults.logit_scale)
 
     def readout(self) -> dict:
         """sigma, epsilon, q, steps, expected batch size and noise std per variable for the
@@ -182,7 +182,7 @@ class Playground:
         else:
             sigma = v["sigma"]
         epsilon = accounting.compute_epsilon(sigma, q, steps, v["delta"])
-        model, loss, _ = self._model(info, None)
+        model, loss = self._model(info, None)
         bounds = relabel(model, gradient_bounds(model, loss))
         stds = dict(zip(bounds, noise_stddevs(list(bounds.values()), sigma, "global")))
         return {"noise_multiplier": sigma, "epsilon": epsilon, "sampling_rate": q, "steps": steps,
@@ -245,7 +245,7 @@ class Playground:
         v = self.values
         (x, y), (x_test, y_test), info = self._data(v["dataset"])
         r = self.readout()
-        model, loss, _ = self._model(info, DPParameters(r["noise_multiplier"], v["delta"]))
+        model, loss = self._model(info, DPParameters(r["noise_multiplier"], v["delta"]))
         model.compile(tf.keras.optimizers.Adam(v["learning_rate"]), loss=loss, metrics=["accuracy"])
         monitor = np.random.default_rng(0).choice(len(x_test), min(MONITOR_EXAMPLES, len(x_test)), replace=False)
         self._budget = (accounting.epsilon_curve(r["noise_multiplier"], r["sampling_rate"], r["steps"], v["delta"]),

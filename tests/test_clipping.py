@@ -231,3 +231,15 @@ def test_adaptive_clip_stays_within_its_range(digits):
     bound = model.loss.lipschitz_constant(10)
     assert 1e-6 * bound * (1 - 1e-6) <= model.loss_gradient_clip <= bound * (1 + 1e-6)
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_clipped_training_follows_a_frozen_layer(digits):
+    (x, y), _, info = digits
+    model = DPClippedModel(presets.build_keras_model("dense", info), lipdp.DPParameters(2.0, 1e-5), clip_norm=1.0)
+    model.compile(tf.keras.optimizers.SGD(0.1), loss=CE)
+    model.fit(x, y, batch_size=256, epochs=1, verbose=0)
+    model.inner.layers[1].trainable = False
+    model.compile(tf.keras.optimizers.SGD(0.1), loss=CE)
+    frozen = model.inner.layers[1].kernel.numpy()
+    model.fit(x, y, batch_size=256, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.inner.layers[1].kernel.numpy(), frozen)
