@@ -284,11 +284,12 @@ class DPSequential(PrivateTraining, tf.keras.Sequential):
         return logits if self._clip is None else clip_row_gradients(logits, self._clip.value)
 
     def summed_gradients(self, x, y):
-        with tf.GradientTape(persistent=True) as tape:
+        adaptive = self._clip is not None and self._clip.adaptive is not None
+        with tf.GradientTape(persistent=adaptive) as tape:
             logits = self.training_logits(x)  # the clipping is the identity forward
             summed_loss = tf.reduce_sum(self.compiled_loss(y, logits))  # reduction NONE: one per example
         gradients = tape.gradient(summed_loss, self.trainable_variables)
-        if self._clip is not None and self._clip.adaptive is not None:
+        if adaptive:
             # Row i: example i's own logit gradient, as it reaches the clip (what the count counts).
             self._logit_gradient_norms = tf.norm(tape.gradient(summed_loss, logits), axis=1)
         del tape
