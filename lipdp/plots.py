@@ -8,9 +8,12 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
+from lipdp.audit import MembershipAudit, dp_tpr_bound
 from lipdp.bounds import bound_chain
+from lipdp.certify import certified_accuracy as certified_fraction
 
 NOT_PRIVATE = "training batches (not private)"
+AUDIT_NOT_PRIVATE = "computed on the training data: the audit itself is not private"
 
 
 def _figure(width: float = 5.5, height: float = 3.5, columns: int = 1) -> tuple[Figure, list]:
@@ -109,4 +112,38 @@ def mode_comparison(results: dict[str, dict]) -> Figure:
     left.set(ylabel="test accuracy", ylim=(0, 1), title="Accuracy (held-out test set)")
     right.bar(modes, [results[m]["seconds"] for m in modes], color="darkorange")
     right.set(ylabel="seconds", title="Training time")
+    return figure
+
+
+def membership_roc(audits: dict[str, MembershipAudit]) -> Figure:
+    """Each attack's ROC (log-log: low FPR is what matters) beside its model's DP bound
+    TPR <= min(e^eps FPR + delta, 1 - e^-eps (1 - FPR - delta)) (dashed, same colour; none
+    for a non-private model), and chance (TPR = FPR). Points with FPR = 0 are off the axes."""
+    figure, (axes,) = _figure(height=4.0)
+    smallest = min(1.0 / audit.non_members for audit in audits.values())
+    grid = np.geomspace(smallest, 1.0, 200)
+    axes.plot(grid, grid, color="grey", linestyle=":", label="chance")
+    for label, audit in audits.items():
+        (line,) = axes.plot(audit.fpr, audit.tpr, label=f"{label}: {audit.attack} attack, AUC {audit.auc:.3f}")
+        if audit.accounted_epsilon is not None:
+            axes.plot(grid, dp_tpr_bound(grid, audit.accounted_epsilon, audit.delta), linestyle="--",
+                      color=line.get_color(), label=f"DP bound, ε = {audit.accounted_epsilon:.3g}, δ = {audit.delta:.0e}")
+    axes.set(xscale="log", yscale="log", xlim=(smallest, 1), ylim=(smallest, 1.05), xlabel="false-positive rate",
+             ylabel="true-positive rate", title="Membership inference vs the DP bound")
+    axes.legend(fontsize="x-small", loc="lower right")
+    figure.suptitle(AUDIT_NOT_PRIVATE, fontsize="small")
+    return figure
+
+
+def certified_accuracy(radii: dict[str, np.ndarray], max_radius: float | None = None) -> Figure:
+    """Certified accuracy against the L2 radius, one line per model, from held-out
+    examples' certified radii (:func:`lipdp.certify.certified_radii`)."""
+    largest = max_radius or max(float(np.max(r)) for r in radii.values()) or 1.0
+    grid = np.linspace(0.0, largest, 101)
+    figure, (axes,) = _figure()
+    for label, model_radii in radii.items():
+        axes.plot(grid, certified_fraction(model_radii, grid), label=label)
+    axes.set(xlabel="L2 radius (input units)", ylabel="certified accuracy", ylim=(0, 1),
+             title="Certified accuracy (held-out data)")
+    axes.legend(fontsize="small")
     return figure

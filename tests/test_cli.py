@@ -223,3 +223,54 @@ def test_default_delta_is_below_one_over_n(n, expected):
     delta = cli.default_delta(n)
     assert delta < 1 / n
     assert math.isclose(delta, expected, rel_tol=1e-9)
+
+
+# -------------------------------------------------------------------------- audit
+AUDIT_KEYS = {"auc", "auc_ci95", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "empirical_epsilon_lower_bound",
+              "epsilon", "non_member_accuracy", "attacks"}
+
+
+def _check_audit_output(out: dict, shadow_models: int) -> None:
+    assert out["dataset"] == "digits" and out["shadow_models"] == shadow_models
+    assert out["primary_attack"] == ("lira" if shadow_models else "loss")
+    assert out["non_private"]["epsilon"] is None and out["non_private"]["dp_auc_bound"] is None
+    private = out["private"]
+    assert private["epsilon"] <= cli.DEFAULT_AUDIT_EPSILON
+    assert private["empirical_epsilon_lower_bound"] <= private["epsilon"]
+    for model in ("non_private", "private"):
+        assert AUDIT_KEYS <= set(out[model])
+        assert set(out[model]["attacks"]) == ({"loss", "lira"} if shadow_models else {"loss"})
+        assert out[model]["members"] + out[model]["non_members"] == out["pool"] == 1797
+
+
+def test_audit_json_short_run():
+    result = run_cli("audit", "--json", "--epochs", "3", "--shadow-models", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    _check_audit_output(last_json_line(result.stdout), 2)
+    assert "lower* bound on epsilon" in result.stdout and "not private" in result.stdout
+
+
+@pytest.mark.slow
+def test_audit_json_defaults():
+    result = run_cli("audit", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = last_json_line(result.stdout)
+    _check_audit_output(out, cli.DEFAULT_SHADOW_MODELS)
+    assert out["non_private"]["non_member_accuracy"] > 0.9
+    assert out["private"]["auc_ci95"][0] <= out["private"]["dp_auc_bound"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epsilon", "0"], "epsilon"),
+    (["--delta", "2"], "delta"),
+    (["--epochs", "0"], "--epochs"),
+    (["--shadow-models", "3"], "even"),
+    (["--shadow-models", "-2"], "even"),
+    (["--dataset", "no-such-dataset"], "Unknown dataset"),
+])
+def test_audit_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    code = cli.main(["audit", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("lipdp: error:") and message in err and len(err.strip().splitlines()) == 1

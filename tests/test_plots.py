@@ -73,3 +73,28 @@ def test_mode_comparison_has_one_bar_per_mode():
     figure = plots.mode_comparison({"clipless": {"test_accuracy": 0.9, "seconds": 5.0},
                                     "clipped": {"test_accuracy": 0.92, "seconds": 6.0}})
     assert [len(axes.patches) for axes in figure.axes] == [2, 2]
+
+
+def test_membership_roc_draws_the_dp_bound_of_private_models_only():
+    rng = np.random.default_rng(0)
+    members = rng.permutation(400) < 200
+    audits = {
+        "non-private": lipdp.audit.audit_scores(rng.normal(size=400) + members, members, attack="loss"),
+        "private": lipdp.audit.audit_scores(rng.normal(size=400), members, attack="loss", accounted_epsilon=1.0),
+    }
+    figure = plots.membership_roc(audits)
+    axes = figure.axes[0]
+    assert len(axes.lines) == 4  # chance, two ROCs, one DP bound
+    bound = axes.lines[-1]
+    np.testing.assert_allclose(bound.get_ydata(), lipdp.audit.dp_tpr_bound(bound.get_xdata(), 1.0, 1e-5))
+    text = _texts(figure)
+    assert "not private" in text and "ε = 1" in text and axes.get_xscale() == "log"
+
+
+def test_certified_accuracy_curve_per_model():
+    figure = plots.certified_accuracy({"ε = 1": np.array([0.0, 0.1, 0.2]), "ε = 8": np.array([0.3, 0.4, 0.5])})
+    lines = figure.axes[0].lines
+    assert len(lines) == 2 and "held-out" in _texts(figure)
+    for line in lines:
+        assert line.get_ydata()[0] <= 1 and np.all(np.diff(line.get_ydata()) <= 0)
+    assert lines[1].get_ydata()[0] == 1.0 and lines[0].get_ydata()[0] == pytest.approx(2 / 3)
