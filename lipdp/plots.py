@@ -118,11 +118,14 @@ def mode_comparison(results: dict[str, dict]) -> Figure:
 def membership_roc(audits: dict[str, MembershipAudit]) -> Figure:
     """Each attack's ROC (log-log: low FPR is what matters) beside its model's DP bound
     TPR <= min(e^eps FPR + delta, 1 - e^-eps (1 - FPR - delta)) (dashed, same colour; none
-    for a non-private model), and chance (TPR = FPR). Points with FPR = 0 are off the axes."""
+    for a non-private model), and chance (TPR = FPR). A grey band marks FPRs counted from
+    fewer than 10 non-members; points with FPR = 0 are off the axes."""
     figure, (axes,) = _figure(height=4.0)
     smallest = min(1.0 / audit.non_members for audit in audits.values())
     grid = np.geomspace(smallest, 1.0, 200)
     axes.plot(grid, grid, color="grey", linestyle=":", label="chance")
+    axes.axvspan(smallest, min(1.0, 10 * smallest), color="grey", alpha=0.15,
+                 label="FPR from < 10 non-members: counting noise")
     for label, audit in audits.items():
         (line,) = axes.plot(audit.fpr, audit.tpr, label=f"{label}: {audit.attack} attack, AUC {audit.auc:.3f}")
         if audit.accounted_epsilon is not None:

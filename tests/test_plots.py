@@ -84,7 +84,7 @@ def test_membership_roc_draws_the_dp_bound_of_private_models_only():
     }
     figure = plots.membership_roc(audits)
     axes = figure.axes[0]
-    assert len(axes.lines) == 4  # chance, two ROCs, one DP bound
+    assert len(axes.lines) == 4 and len(axes.patches) == 1  # chance, two ROCs, one DP bound; the noise band
     bound = axes.lines[-1]
     np.testing.assert_allclose(bound.get_ydata(), lipdp.audit.dp_tpr_bound(bound.get_xdata(), 1.0, 1e-5))
     text = _texts(figure)
