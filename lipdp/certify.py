@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from deel.lip.metrics import CategoricalProvableAvgRobustness, CategoricalProvableRobustAccuracy
 
-from lipdp.layers import chain_bounds, check_dp_layer, check_no_shared_layers
+from lipdp.layers import DPLayer, chain_bounds, check_no_shared_layers
 from lipdp.losses import _as_one_hot
 from lipdp.quiet import quiet
 from lipdp.validation import positive_number
@@ -42,8 +42,10 @@ def lipschitz_constant(model: tf.keras.Model) -> float:
     layers' proven bounds (residual blocks: 1/2 + their branch's), i.e. the input-gradient
     bound of :func:`lipdp.layers.chain_bounds` for an output gradient of norm 1."""
     layers = [layer for layer in model.layers if not isinstance(layer, tf.keras.layers.InputLayer)]
-    for layer in layers:
-        check_dp_layer(layer)  # a layer without a proven constant gives no certificate
+    unproven = [layer.name for layer in layers if not isinstance(layer, DPLayer)]
+    if unproven:
+        raise TypeError(f"Layers {unproven} have no proven Lipschitz constant, so no radius can be certified. "
+                        "Build the network from lipdp.layers (DPSpectralDense, DPSpectralConv2D, DPGroupSort, ...).")
     check_no_shared_layers(layers)
     return chain_bounds(layers, math.inf, 1.0).input_gradient_bound
 
