@@ -228,7 +228,7 @@ def audit_summary(result: dict) -> str:
             row("  AUC [95% CI]", lambda m: f"{pick(m)['auc']:.3f} [{pick(m)['auc_ci95'][0]:.3f}, {pick(m)['auc_ci95'][1]:.3f}]"),
             row("  TPR at FPR 1%", lambda m: f"{pick(m)['tpr_at_fpr_1pct']:.4f}"),
             row("  TPR at FPR 0.1%", lambda m: f"{pick(m)['tpr_at_fpr_0.1pct']:.4f}"),
-            row("  empirical epsilon", lambda m: _epsilon_text(pick(m)['empirical_epsilon'])),
+            row("  empirical epsilon (point, noisy)", lambda m: _epsilon_text(pick(m)['empirical_epsilon'])),
             row("  epsilon lower bound (95%)", lambda m: f"{pick(m)['empirical_epsilon_lower_bound']:.3f}"),
         ]
 
