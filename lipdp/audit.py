@@ -1,9 +1,13 @@
 """Membership-inference audits: test the privacy guarantee empirically.
 
-The game. A random half of a pool of examples trains the model (the *members*); the other
-half is held out (the *non-members*). An attack scores every example; calling "member"
-above a threshold gives a true-positive rate (TPR, on members) and a false-positive rate
-(FPR, on non-members). (epsilon, delta)-DP caps every such test (Kairouz et al. 2015):
+The game. A fair coin per example of a pool decides whether it trains the model (the
+*members*, about half) or is held out (the *non-members*). The coins are independent, so for
+each example the two worlds, with and without it, differ in that one example: exactly the
+add-or-remove neighbours lipdp's accountant covers. (A split into two exact halves would
+swap one example for another instead, which only 2 epsilon bounds, by group privacy.)
+An attack scores every example; calling "member" above a threshold gives a true-positive
+rate (TPR, on members) and a false-positive rate (FPR, on non-members). (epsilon, delta)-DP
+caps every such test (Kairouz et al. 2015), for each example and so for their average:
 
     TPR <= e^eps FPR + delta   and   1 - FPR <= e^eps (1 - TPR) + delta,
 
@@ -15,8 +19,8 @@ Attacks:
 
 * ``loss``: the loss-threshold attack (Yeom et al. 2018), score = -loss of the example.
 * ``lira``: the likelihood-ratio attack (Carlini et al. 2022) with shadow models trained
-  on complementary halves of the pool (each example is in exactly half of them), on the
-  logit margin m = z_y - max_{j != y} z_j, with variances pooled over examples.
+  on complementary subsets of the pool (each example is in exactly half of them, at least
+  2), on the logit margin m = z_y - max_{j != y} z_j, with variances pooled over examples.
 
 Statistics. AUC with a Hanley-McNeil 95 % interval. At each target FPR (1 % and 0.1 %)
 the threshold is the one with the highest TPR whose FPR does not exceed it. The epsilon
@@ -216,12 +220,15 @@ def _check_scores(scores, members) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- attacks
 def membership_split(num_examples: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random half of the examples (floor(N / 2) of them) as members."""
+    """Members by independent fair coins, one per example (about N / 2 of them): each
+    example's in and out worlds are add-or-remove neighbours. Redrawn in the (probability
+    2^(1-N)) case that all coins agree, since the audit needs both kinds."""
     if num_examples < 2:
         raise ValueError(f"A membership split needs at least 2 examples, got {num_examples}.")
-    members = np.zeros(num_examples, dtype=bool)
-    members[rng.permutation(num_examples)[: num_examples // 2]] = True
-    return members
+    while True:
+        members = rng.random(num_examples) < 0.5
+        if members.any() and not members.all():
+            return members
 
 
 def loss_scores(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, loss=None) -> np.ndarray:
@@ -248,29 +255,35 @@ def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_members: np.ndarr
 
     ``target``: phi_i of the audited model (shape (N,)); ``shadow``: phi of each shadow model
     (shape (K, N)); ``shadow_members[k, i]``: whether shadow k trained on example i. mu_in_i
-    and mu_out_i average the shadows that did / did not train on i; s_in, s_out pool the
-    deviations over all examples (Carlini et al.'s fixed variance, robust with few shadows).
+    and mu_out_i average the n_in_i / n_out_i shadows that did / did not train on i; s_in^2
+    pools the squared deviations over all examples, divided by its degrees of freedom
+    sum_i (n_in_i - 1) (s_out likewise): Carlini et al.'s fixed variance, robust with few
+    shadows. Each example needs at least 2 shadows in and 2 out, or a deviation is 0 by
+    construction.
     """
     target, shadow, inside = np.asarray(target, np.float64), np.asarray(shadow, np.float64), np.asarray(shadow_members)
     if shadow.ndim != 2 or shadow.shape != inside.shape or shadow.shape[1] != len(target):
         raise ValueError(f"Need shadow scores and membership of shape (K, N) with N = {len(target)}, "
                          f"got {shadow.shape} and {inside.shape}.")
-    if inside.dtype != bool or not (inside.any(axis=0).all() and (~inside).any(axis=0).all()):
-        raise ValueError("Every example must be in at least one shadow model and out of at least one: "
-                         "train shadow models in complementary pairs (see complementary_splits).")
+    if inside.dtype != bool or min(inside.sum(axis=0).min(), (~inside).sum(axis=0).min()) < 2:
+        raise ValueError("Every example must be in at least 2 shadow models and out of at least 2 (a "
+                         "variance needs two samples): train 4 or more shadow models in complementary "
+                         "pairs (see complementary_splits).")
     log_likelihoods = []
     for mask in (inside, ~inside):
-        mean = (shadow * mask).sum(axis=0) / mask.sum(axis=0)
-        std = math.sqrt((((shadow - mean) ** 2) * mask).sum() / mask.sum())
+        counts = mask.sum(axis=0)
+        mean = (shadow * mask).sum(axis=0) / counts
+        std = math.sqrt((((shadow - mean) ** 2) * mask).sum() / (counts - 1).sum())
         log_likelihoods.append(stats.norm.logpdf(target, mean, max(std, 1e-12)))
     return log_likelihoods[0] - log_likelihoods[1]
 
 
 def complementary_splits(num_examples: int, shadow_models: int, rng: np.random.Generator) -> np.ndarray:
-    """(K, N) membership of K shadow models: pairs of complementary random halves, so each
-    example trains exactly half of them."""
-    if shadow_models < 2 or shadow_models % 2:
-        raise ValueError(f"LiRA needs an even number (>= 2) of shadow models, got {shadow_models}.")
+    """(K, N) membership of K shadow models: pairs of complementary random subsets
+    (:func:`membership_split`), so each example trains exactly half of them."""
+    if shadow_models < 4 or shadow_models % 2:
+        raise ValueError(f"LiRA needs an even number (>= 4) of shadow models, got {shadow_models}: each "
+                         "example must be in 2 of them and out of 2.")
     halves = [membership_split(num_examples, rng) for _ in range(shadow_models // 2)]
     return np.array([mask for half in halves for mask in (half, ~half)])
 
@@ -278,7 +291,7 @@ def complementary_splits(num_examples: int, shadow_models: int, rng: np.random.G
 # -------------------------------------------------------------------- whole audits
 @dataclass
 class AuditRun:
-    """A model trained on a random half of the pool, and the attacks' audits."""
+    """A model trained on the members (a random subset of the pool), and the attacks' audits."""
 
     model: tf.keras.Model
     members: np.ndarray
@@ -289,8 +302,9 @@ def audit_training(
     train: Trainer, x: np.ndarray, y: np.ndarray, shadow_models: int = 0, delta: float = 1e-5,
     seed: int | None = None,
 ) -> AuditRun:
-    """Train ``train(x_members, y_members)`` on a random half of (x, y), audit it with the
-    loss attack and, with ``shadow_models`` > 0, LiRA (shadows come from the same ``train``).
+    """Train ``train(x_members, y_members)`` on the members of (x, y) (:func:`membership_split`),
+    audit it with the loss attack and, with ``shadow_models`` > 0 (even, >= 4), LiRA (shadows
+    come from the same ``train``, on splits independent of the members).
 
     ``seed`` fixes the audit's splits only (the auditor's coins, not the model's noise).
     """
@@ -312,9 +326,13 @@ def preset_trainer(
     batch_size: int | None = None, logit_scale: float | None = None,
 ) -> Trainer:
     """``train(x, y) -> model``: the dataset's default preset, tau cross-entropy and Adam,
-    private at ``epsilon`` (sigma calibrated for len(x) examples) or non-private (None).
+    private at ``epsilon`` (sigma calibrated for len(x) examples: as everywhere in DP-SGD,
+    the dataset size that sets the sampling rate is taken as public) or non-private (None).
     The expected batch size is capped at the number of examples."""
     defaults = presets.training_defaults(info)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value is not None and not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name} must be a positive integer (or None for the preset's), got {value!r}.")
     epochs = epochs or defaults.epochs
     if epsilon is not None:
         accounting.check_epsilon(epsilon)

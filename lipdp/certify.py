@@ -39,7 +39,7 @@ NONE = tf.keras.losses.Reduction.NONE
 
 def lipschitz_constant(model: tf.keras.Model) -> float:
     """A proven upper bound on the L2 Lipschitz constant of x -> logits: the product of the
-    layers' proven bounds (residual blocks: 1/2 + their branch's), i.e. the input-gradient
+    layers' proven bounds (a residual block: (1 + L_branch) / 2), i.e. the input-gradient
     bound of :func:`lipdp.layers.chain_bounds` for an output gradient of norm 1."""
     layers = [layer for layer in model.layers if not isinstance(layer, tf.keras.layers.InputLayer)]
     unproven = [layer.name for layer in layers if not isinstance(layer, DPLayer)]

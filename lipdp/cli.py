@@ -73,7 +73,7 @@ def add_audit_parser(commands) -> None:
     audit.add_argument("--delta", type=float, help="delta (default: 1e-5, or below 1/N)")
     audit.add_argument("--epochs", type=int, help="epochs of each training run (default per dataset)")
     audit.add_argument("--shadow-models", type=int, default=DEFAULT_SHADOW_MODELS,
-                       help=f"shadow models per audited model for LiRA, an even number (default {DEFAULT_SHADOW_MODELS}; 0: loss attack only)")
+                       help=f"shadow models per audited model for LiRA, an even number >= 4 (default {DEFAULT_SHADOW_MODELS}; 0: loss attack only)")
     audit.add_argument("--seed", type=int, default=0, help="seed of the membership splits (default 0; never the training noise)")
     audit.add_argument("--data-dir", help="TensorFlow Datasets data directory")
     audit.add_argument("--json", action="store_true", help="end with one JSON line of results")
@@ -184,13 +184,13 @@ def _check_audit_arguments(args) -> None:
         accounting.check_delta(args.delta)
     if args.epochs is not None and args.epochs <= 0:
         raise ValueError(f"--epochs must be a positive integer, got {args.epochs}.")
-    if args.shadow_models < 0 or args.shadow_models % 2:
-        raise ValueError(f"--shadow-models must be 0 or an even positive number (LiRA trains them in "
-                         f"complementary pairs), got {args.shadow_models}.")
+    if args.shadow_models != 0 and (args.shadow_models < 4 or args.shadow_models % 2):
+        raise ValueError(f"--shadow-models must be 0 or an even number >= 4 (LiRA trains them in "
+                         f"complementary pairs and needs 2 in and 2 out per example), got {args.shadow_models}.")
 
 
 def audit(args) -> dict:
-    """Pool train and test data, train each model on a random half, attack, report."""
+    """Pool train and test data, train each model on its members (a fair coin per example), attack, report."""
     _check_audit_arguments(args)
     (x_train, y_train), (x_test, y_test), info = datasets.load(args.dataset, args.data_dir)
     x, y = np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
@@ -219,7 +219,7 @@ def audit_summary(result: dict) -> str:
     lira = f" with {result['shadow_models']} shadow models" if result["primary_attack"] == "lira" else ""
 
     def row(label: str, cell) -> str:
-        return f"{label:<32s}" + "".join(f"{cell(model):<26s}" for model in models)
+        return f"{label:<36s}" + "".join(f"{cell(model):<30s} " for model in models)
 
     def attack_rows(attack: str) -> list[str]:
         pick = lambda model: model["attacks"][attack]  # noqa: E731
@@ -234,8 +234,8 @@ def audit_summary(result: dict) -> str:
 
     private = result["private"]
     return "\n".join([
-        f"Membership-inference audit on {result['dataset']}: each model trains on a random half "
-        f"({private['members']} of {result['pool']} examples); the other half are the non-members.",
+        f"Membership-inference audit on {result['dataset']}: a fair coin per example picks each model's "
+        f"members ({private['members']} of {result['pool']} examples); the others are the non-members.",
         row("", lambda m: "private" if m["epsilon"] is not None else "non-private"),
         row("accounted epsilon (guarantee)", lambda m: "none" if m["epsilon"] is None else f"{m['epsilon']:.3f} (delta {m['delta']:.0e})"),
         row("accuracy on non-members", lambda m: f"{m['non_member_accuracy']:.3f}"),

@@ -120,6 +120,7 @@ def membership_roc(audits: dict[str, MembershipAudit]) -> Figure:
     TPR <= min(e^eps FPR + delta, 1 - e^-eps (1 - FPR - delta)) (dashed, same colour; none
     for a non-private model), and chance (TPR = FPR). A grey band marks FPRs counted from
     fewer than 10 non-members; points with FPR = 0 are off the axes."""
+    _check_not_empty("membership_roc", audits, "{label: lipdp.audit.MembershipAudit}")
     figure, (axes,) = _figure(height=4.0)
     smallest = min(1.0 / audit.non_members for audit in audits.values())
     grid = np.geomspace(smallest, 1.0, 200)
@@ -141,6 +142,7 @@ def membership_roc(audits: dict[str, MembershipAudit]) -> Figure:
 def certified_accuracy(radii: dict[str, np.ndarray], max_radius: float | None = None) -> Figure:
     """Certified accuracy against the L2 radius, one line per model, from held-out
     examples' certified radii (:func:`lipdp.certify.certified_radii`)."""
+    _check_not_empty("certified_accuracy", radii, "{label: certified radii}")
     largest = max_radius or max(float(np.max(r)) for r in radii.values()) or 1.0
     grid = np.linspace(0.0, largest, 101)
     figure, (axes,) = _figure()
@@ -150,3 +152,8 @@ def certified_accuracy(radii: dict[str, np.ndarray], max_radius: float | None = 
              title="Certified accuracy (held-out data)")
     axes.legend(fontsize="small")
     return figure
+
+
+def _check_not_empty(plot: str, curves: dict, expected: str) -> None:
+    if not curves:
+        raise ValueError(f"{plot} needs at least one curve: pass a dict {expected}.")

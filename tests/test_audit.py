@@ -10,7 +10,7 @@ from scipy import stats
 import lipdp
 from lipdp import audit
 
-POOL = 128  # a tiny pool: the non-private model memorises its 64 members
+POOL = 128  # a tiny pool: the non-private model memorises its (about 64) members
 EPOCHS = 150
 
 
@@ -82,6 +82,31 @@ def test_operating_points_respect_the_target_fpr():
     assert report["tpr_at_fpr_1pct"] >= report["tpr_at_fpr_0.1pct"]
 
 
+def test_membership_is_an_independent_coin_per_example():
+    """Add-or-remove neighbours per example, which is what epsilon bounds: the member count
+    varies from split to split (exact halves would make each in/out pair a swap)."""
+    rng = np.random.default_rng(3)
+    splits = np.array([audit.membership_split(100, rng) for _ in range(400)])
+    assert len(set(splits.sum(axis=1))) > 5
+    assert np.abs(splits.mean(axis=0) - 0.5).max() < 0.15
+    # given the other coins, an example's coin is still fair (with exact halves it is not)
+    others = splits[:, 1:].sum(axis=1)
+    assert abs(splits[others >= 50, 0].mean() - 0.5) < 0.15
+
+
+def test_lira_uses_the_unbiased_pooled_variance():
+    """With 2 shadows in per example, the per-example mean absorbs one degree of freedom: the
+    pooled variance divides by sum_i (n_i - 1), not by the number of scores."""
+    inside = np.array([[True, False], [False, True], [True, False], [False, True]])
+    shadow = np.array([[1.0, 10.0], [5.0, 20.0], [3.0, 14.0], [7.0, 26.0]])
+    target = np.array([2.0, 25.0])
+    mean_in, mean_out = np.array([2.0, 23.0]), np.array([6.0, 12.0])
+    std_in = math.sqrt((1 + 1 + 9 + 9) / 2)  # deviations (1, 1) and (3, 3); 2 degrees of freedom
+    std_out = math.sqrt((1 + 1 + 4 + 4) / 2)
+    expected = stats.norm.logpdf(target, mean_in, std_in) - stats.norm.logpdf(target, mean_out, std_out)
+    np.testing.assert_allclose(audit.lira_scores(target, shadow, inside), expected)
+
+
 def test_lira_separates_synthetic_members():
     rng = np.random.default_rng(2)
     n, k = 400, 8
@@ -107,7 +132,10 @@ def test_lira_separates_synthetic_members():
     (lambda: audit.empirical_epsilon(1.2, 0.1, 1e-5), "tpr"),
     (lambda: audit.clopper_pearson(5, 3, 0.05), "successes"),
     (lambda: audit.complementary_splits(10, 3, np.random.default_rng()), "even"),
-    (lambda: audit.lira_scores(np.ones(2), np.ones((2, 2)), np.array([[True, True], [True, False]])), "out of at least one"),
+    (lambda: audit.complementary_splits(10, 2, np.random.default_rng()), ">= 4"),
+    (lambda: audit.lira_scores(np.ones(2), np.ones((2, 2)), np.array([[True, False], [False, True]])), "at least 2"),
+    (lambda: audit.preset_trainer(lipdp.datasets.load("digits")[2], 1.0, epochs=0), "epochs"),
+    (lambda: audit.lira_scores(np.ones(2), np.ones((4, 2)), np.array([[True, True]] * 3 + [[True, False]])), "out of at least 2"),
     (lambda: audit.lira_scores(np.ones(3), np.ones((2, 2)), np.ones((2, 2), bool)), "shape"),
 ])
 def test_bad_input_gets_a_clear_error(call, message):
@@ -136,7 +164,7 @@ def memorised(pool):
 
 def test_loss_attack_beats_chance_on_a_memorising_non_private_model(memorised):
     result = memorised.audits["loss"]
-    assert result.members == result.non_members == POOL // 2
+    assert result.members + result.non_members == POOL and result.members == memorised.members.sum()
     assert result.accounted_epsilon is None
     assert result.auc > 0.6 and result.auc_interval[0] > 0.5
     # so a model trained without noise would break the epsilon = 1 checks below
@@ -154,9 +182,9 @@ def test_private_model_at_epsilon_one_stays_within_the_bound(pool, memorised):
 
 
 def test_audit_training_runs_lira_with_shadow_models(pool):
-    run = _audit(pool, None, shadow_models=2, epochs=5)
+    run = _audit(pool, None, shadow_models=4, epochs=5)
     assert set(run.audits) == {"loss", "lira"}
-    assert run.audits["lira"].members == POOL // 2
+    assert run.audits["lira"].members == run.members.sum()
 
 
 @pytest.mark.slow

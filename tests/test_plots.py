@@ -91,6 +91,12 @@ def test_membership_roc_draws_the_dp_bound_of_private_models_only():
     assert "not private" in text and "ε = 1" in text and axes.get_xscale() == "log"
 
 
+@pytest.mark.parametrize("plot", [plots.membership_roc, plots.certified_accuracy])
+def test_audit_plots_refuse_an_empty_dict(plot):
+    with pytest.raises(ValueError, match="at least one curve"):
+        plot({})
+
+
 def test_certified_accuracy_curve_per_model():
     figure = plots.certified_accuracy({"ε = 1": np.array([0.0, 0.1, 0.2]), "ε = 8": np.array([0.3, 0.4, 0.5])})
     lines = figure.axes[0].lines
