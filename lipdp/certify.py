@@ -30,7 +30,7 @@ import tensorflow as tf
 from deel.lip.metrics import CategoricalProvableAvgRobustness, CategoricalProvableRobustAccuracy
 
 from lipdp.layers import DPLayer, chain_bounds, check_no_shared_layers
-from lipdp.losses import _as_one_hot
+from lipdp.losses import as_one_hot
 from lipdp.quiet import quiet
 from lipdp.validation import positive_number
 
@@ -54,7 +54,7 @@ def logit_margins(logits, labels) -> tf.Tensor:
     """m = z_y - max_{j != y} z_j per example (negative when misclassified).
     ``labels``: integer classes or one-hot rows."""
     logits = tf.convert_to_tensor(logits, tf.float32)
-    one_hot = _as_one_hot(labels, logits)
+    one_hot = as_one_hot(labels, logits)
     true_logit = tf.reduce_sum(one_hot * logits, axis=-1)
     runner_up = tf.reduce_max(tf.where(one_hot > 0, -np.inf, logits), axis=-1)
     return true_logit - runner_up
@@ -74,7 +74,7 @@ def certified_radii(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_s
     radius = CategoricalProvableAvgRobustness(
         lip_const=lipschitz_constant(model), disjoint_neurons=False, reduction=NONE)
     with quiet("tensorflow"):  # each call traces deel-lip's tf.function anew: harmless retracing warnings
-        return radius.call(_as_one_hot(y, logits), logits).numpy()
+        return radius.call(as_one_hot(y, logits), logits).numpy()
 
 
 def certified_accuracy(radii: np.ndarray, radius) -> np.ndarray | float:
@@ -106,7 +106,7 @@ class CertifiedAccuracy(tf.keras.metrics.MeanMetricWrapper):
             epsilon=self.radius, lip_const=self.lipschitz_constant, disjoint_neurons=False, reduction=NONE)
 
         def certified(y_true, y_pred):
-            return certificate.call(_as_one_hot(y_true, y_pred), y_pred)
+            return certificate.call(as_one_hot(y_true, y_pred), y_pred)
 
         super().__init__(certified, name=name or f"certified_accuracy_{self.radius:g}", dtype=dtype)
 

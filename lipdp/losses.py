@@ -25,7 +25,7 @@ from lipdp.validation import positive_number
 NONE = tf.keras.losses.Reduction.NONE
 
 
-def _as_one_hot(y_true, y_pred):
+def as_one_hot(y_true, y_pred):
     """One-hot labels, from integer labels (shape (b,) or (b, 1)) or one-hot ones."""
     y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
     if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == y_pred.shape[-1] and y_pred.shape[-1] != 1:
@@ -46,7 +46,7 @@ class DPLoss(tf.keras.losses.Loss):
         raise NotImplementedError
 
     def call(self, y_true, y_pred):
-        return self.per_example_loss(_as_one_hot(y_true, y_pred), y_pred)
+        return self.per_example_loss(as_one_hot(y_true, y_pred), y_pred)
 
     def per_example_loss(self, y_true, y_pred):
         raise NotImplementedError
