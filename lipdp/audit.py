@@ -49,7 +49,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from lipdp import accounting, presets
-from lipdp.certify import logit_margins
+from lipdp.certify import logit_margins, predict_logits
 from lipdp.datasets import DatasetInfo
 from lipdp.model import DPParameters
 from lipdp.sampling import expected_batch_size_to_rate, steps_per_epoch
@@ -237,17 +237,13 @@ def loss_scores(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, loss=None) 
     loss = loss or model.loss
     if not isinstance(loss, tf.keras.losses.Loss):
         raise TypeError(f"loss_scores needs a tf.keras Loss object (compile the model with one), got {loss!r}.")
-    per_example = loss.call(tf.convert_to_tensor(y), _logits(model, x))  # call(): unreduced
+    per_example = loss.call(tf.convert_to_tensor(y), predict_logits(model, x))  # call(): unreduced
     return -np.asarray(per_example, dtype=np.float64).reshape(len(x))
 
 
 def margin_scores(model: tf.keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The logit margin z_y - max_{j != y} z_j per example (LiRA's statistic)."""
-    return logit_margins(_logits(model, x), y).numpy().astype(np.float64)
-
-
-def _logits(model: tf.keras.Model, x: np.ndarray) -> tf.Tensor:
-    return tf.convert_to_tensor(model.predict(np.asarray(x, np.float32), batch_size=1024, verbose=0))
+    return logit_margins(predict_logits(model, x), y).numpy().astype(np.float64)
 
 
 def lira_scores(target: np.ndarray, shadow: np.ndarray, shadow_members: np.ndarray) -> np.ndarray:

@@ -65,11 +65,18 @@ def _check_multiclass(logits) -> None:
         raise ValueError(f"Certified radii need at least 2 logits (multiclass), got {logits.shape[-1]}.")
 
 
+def predict_logits(model: tf.keras.Model, x: np.ndarray, batch_size: int = 1024) -> tf.Tensor:
+    """The model's logits on x (inference mode), without Keras' warnings about retracing
+    when many models predict in turn (audits train one per shadow split)."""
+    with quiet("tensorflow"):
+        return tf.convert_to_tensor(model.predict(np.asarray(x, np.float32), batch_size=batch_size, verbose=0))
+
+
 def certified_radii(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Per example: max(m, 0) / (sqrt(2) L), the L2 radius within which the prediction
     provably stays the true class (0 for misclassified examples)."""
     x, y = _check_examples(x, y)
-    logits = tf.convert_to_tensor(model.predict(x, batch_size=batch_size, verbose=0))
+    logits = predict_logits(model, x, batch_size)
     _check_multiclass(logits)
     radius = CategoricalProvableAvgRobustness(
         lip_const=lipschitz_constant(model), disjoint_neurons=False, reduction=NONE)
