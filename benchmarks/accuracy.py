@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import time
 
@@ -74,9 +73,35 @@ def train_and_evaluate(spec: dict, train, evaluation, info: DatasetInfo, epsilon
     model.fit(x, y, batch_size=spec["batch_size"], epochs=spec["epochs"], verbose=0)
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(*evaluation, batch_size=2048, verbose=0)
-    spent = math.inf if sigma is None else model.privacy_statement().epsilon
+    spent = None if sigma is None else model.privacy_statement().epsilon  # None: no guarantee
     return {"epsilon": spent, "target_epsilon": epsilon, "delta": delta, "noise_multiplier": sigma,
             "steps": steps, "accuracy": float(accuracy), "train_seconds": seconds}
+
+
+def tuned_spec(configs: dict, epsilon: float) -> dict:
+    if format_epsilon(epsilon) not in configs:
+        raise ValueError(f"No tuned hyper-parameters for epsilon = {epsilon:g} (have {sorted(configs)}): "
+                         f"run python benchmarks/tune.py --epsilons {epsilon:g} first.")
+    return configs[format_epsilon(epsilon)]
+
+
+def run(npz: str, epsilons: list[float], non_private: bool = False) -> dict:
+    """Final test accuracies, one row per epsilon (printed as they come)."""
+    train, test, info = load_npz(npz)
+    configs = load_config()
+    rows = {}
+    for epsilon in [*epsilons, *([None] if non_private else [])]:
+        spec = tuned_spec(configs, epsilon or 3.0)
+        row = train_and_evaluate(spec, train, test, info, epsilon)
+        rows[format_epsilon(epsilon) if epsilon else "non_private"] = row
+        print(f"{info.name}  eps {row['epsilon'] or float('inf'):6.3f}  test accuracy {row['accuracy']:.4f}  "
+              f"({row['train_seconds']:.0f} s of training, sigma {row['noise_multiplier'] or 0:.3f}, "
+              f"{row['steps']} steps)", flush=True)
+    return {"dataset": info.name, "delta": DELTA, "runs": rows}
+
+
+def format_epsilon(epsilon: float) -> str:
+    return f"{epsilon:g}"
 
 
 def main() -> None:
@@ -89,25 +114,6 @@ def main() -> None:
     result = run(args.npz, args.epsilons, args.non_private)
     if args.json:
         print(json.dumps(result))
-
-
-def run(npz: str, epsilons: list[float], non_private: bool = False) -> dict:
-    """Final test accuracies, one row per epsilon (printed as they come)."""
-    train, test, info = load_npz(npz)
-    configs = load_config()
-    rows = {}
-    for epsilon in [*epsilons, *([None] if non_private else [])]:
-        spec = configs[format_epsilon(epsilon or 3.0)]
-        row = train_and_evaluate(spec, train, test, info, epsilon)
-        rows[format_epsilon(epsilon) if epsilon else "non_private"] = row
-        print(f"{info.name}  eps {row['epsilon']:6.3f}  test accuracy {row['accuracy']:.4f}  "
-              f"({row['train_seconds']:.0f} s of training, sigma {row['noise_multiplier'] or 0:.3f}, "
-              f"{row['steps']} steps)", flush=True)
-    return {"dataset": info.name, "delta": DELTA, "runs": rows}
-
-
-def format_epsilon(epsilon: float) -> str:
-    return f"{epsilon:g}"
 
 
 if __name__ == "__main__":

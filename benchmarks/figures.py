@@ -21,10 +21,10 @@ MODE_STYLES = {
     "clipped": ("DP-SGD, per-example clipping", "tab:red"),
     "relu_reference": ("non-private ReLU CNN (reference)", "tab:olive"),
 }
-# Published Fashion-MNIST anchors at delta = 1e-5 (epsilon, test accuracy %).
+# Published Fashion-MNIST anchors at delta = 1e-5: epsilon, test accuracy %, marker, colour.
 ANCHORS = {
-    "Tramèr & Boneh 2021, DP CNN": (3.0, 86.0),
-    "Papernot et al. 2021, tempered sigmoids": (2.7, 86.1),
+    "Tramèr & Boneh 2021, DP CNN": (3.0, 86.0, "*", "tab:red"),
+    "Papernot et al. 2021, tempered sigmoids": (2.7, 86.1, "D", "tab:orange"),
 }
 
 
@@ -56,10 +56,10 @@ def accuracy_figure(accuracy: dict):
     axis.plot(*zip(*private), "o-", color="tab:blue", label="lipdp clipless (test split)")
     if "non_private" in runs:
         axis.axhline(100 * runs["non_private"]["accuracy"], color="tab:gray", ls="--", label="same model, no noise")
-    for (label, (epsilon, value)), marker in zip(ANCHORS.items(), "*D"):
-        axis.plot(epsilon, value, marker, ms=10, ls="none", label=label)
+    for label, (epsilon, value, marker, color) in ANCHORS.items():
+        axis.plot(epsilon, value, marker, ms=10, ls="none", color=color, label=label)
     axis.set(xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy (%)",
-             title=f"{accuracy['dataset']}: accuracy against the privacy budget")
+             title=f"{accuracy['dataset'].removesuffix('.npz')}: accuracy against the privacy budget")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -7,7 +7,7 @@
   demo instead (no data file needed).
 
 ``--quick`` (about 3 minutes on 2 cores): batch sizes 256 and 1024, 5 repeats.
-The full run: batch sizes 64 to 4096 as far as memory allows, 10 repeats.
+The full run: batch sizes 64 to 8192 (clipped: as far as memory allows), 10 repeats.
 ``--save`` writes ``benchmarks/results/results.json`` and the README's figures.
 The last line with ``--json`` is one JSON object whose top level holds the step-time
 ratios at batch 256: ``clipless_over_nonprivate`` and ``clipped_over_clipless``.
@@ -35,7 +35,7 @@ import tensorflow as tf  # noqa: E402
 
 from lipdp import cli  # noqa: E402
 
-QUICK_SIZES, FULL_SIZES = [256, 1024], [64, 128, 256, 512, 1024, 2048, 4096]
+QUICK_SIZES, FULL_SIZES = [256, 1024], [64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
 def quick_accuracy() -> dict:
@@ -68,6 +68,8 @@ def main() -> None:
 
     print(f"== speed and memory ({platform.processor() or platform.machine()}, TensorFlow {tf.__version__})", flush=True)
     speed = step_time.measure(QUICK_SIZES if args.quick else FULL_SIZES, 5 if args.quick else 10, memory=True)
+    profile = step_time.clipless_profile(256, 5 if args.quick else 10)
+    print(step_time.format_profile(256, profile), flush=True)
     print("== accounting latency", flush=True)
     latency = accounting_latency.measure()
     print(accounting_latency.summary(latency), flush=True)
@@ -75,6 +77,7 @@ def main() -> None:
     accuracy_results = quick_accuracy() if args.quick else accuracy.run(args.npz, [1.0, 3.0, 8.0], non_private=True)
 
     results = {**headline(speed), "quick": args.quick, "speed": {str(size): row for size, row in speed.items()},
+               "clipless_profile_256": profile,
                "accounting": latency, "accuracy": accuracy_results}
     if args.save:
         figures.RESULTS.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ ratios compare like with like. Peak memory is measured in a fresh process per (m
 batch size): the growth of the resident set over a model that is built but not yet
 stepped.
 
-Run: python benchmarks/step_time.py [--batch-sizes 64 256 1024] [--repeats 10] [--memory] [--json]
+Run: python benchmarks/step_time.py [--batch-sizes 64 256 1024] [--repeats 10] [--memory] [--profile] [--json]
 """
 
 from __future__ import annotations
@@ -85,22 +85,42 @@ def random_batch(batch_size: int, seed: int = 0):
 
 def run_step(step, batch) -> float:
     start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy(), step(batch))
+    for tensor in tf.nest.flatten(step(batch)):
+        if tensor is not None:
+            tensor.numpy()  # waits for the result
     return time.perf_counter() - start
 
 
-def step_times(batch_size: int, modes, repeats: int) -> dict[str, float]:
-    """Median seconds per step for each mode; the modes take turns within each repeat so
-    that a slower period of the machine hits them all alike."""
-    batch = random_batch(batch_size)
-    steps = {mode: compiled_step(build(mode), batch_size) for mode in modes}
-    for step in steps.values():
-        run_step(step, batch)  # trace and warm up
-    times = {mode: [] for mode in modes}
+def interleaved_medians(functions: dict, batch, repeats: int) -> dict[str, float]:
+    """Median seconds of each function on the batch, after a warm-up; the functions take
+    turns within each repeat so that a slower period of the machine hits them all alike."""
+    for function in functions.values():
+        run_step(function, batch)  # trace and warm up
+    times = {name: [] for name in functions}
     for _ in range(repeats):
-        for mode, step in steps.items():
-            times[mode].append(run_step(step, batch))
-    return {mode: statistics.median(values) for mode, values in times.items()}
+        for name, function in functions.items():
+            times[name].append(run_step(function, batch))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def step_times(batch_size: int, modes, repeats: int) -> dict[str, float]:
+    """Median seconds per training step of each mode."""
+    steps = {mode: compiled_step(build(mode), batch_size) for mode in modes}
+    return interleaved_medians(steps, random_batch(batch_size), repeats)
+
+
+def clipless_profile(batch_size: int, repeats: int) -> dict[str, float]:
+    """Where the clipless step's time goes: the whole step, its gradient sum (what a
+    non-private step also computes), the noise draw and the projection, each alone."""
+    model = build("clipless")
+    step = compiled_step(model, batch_size)
+    parts = {
+        "step": step,
+        "summed_gradients": tf.function(lambda batch: model.summed_gradients(*batch)[1]),
+        "noise": tf.function(lambda batch: [model._noise_generator.normal(tf.shape(v)) for v in model.trainable_variables]),
+        "projection": tf.function(lambda batch: model.project()),
+    }
+    return interleaved_medians(parts, random_batch(batch_size), repeats)
 
 
 def memory_status_megabytes(field: str) -> float:
@@ -170,16 +190,29 @@ def format_row(size: int, row: dict) -> str:
     return line
 
 
+def format_profile(batch_size: int, parts: dict[str, float]) -> str:
+    rest = parts["step"] - parts["summed_gradients"] - parts["noise"] - parts["projection"]
+    return (f"clipless step at batch {batch_size}: {parts['step'] * 1000:.1f} ms = summed gradients "
+            f"{parts['summed_gradients'] * 1000:.1f} + noise {parts['noise'] * 1000:.1f} + projection "
+            f"{parts['projection'] * 1000:.1f} + optimizer and the rest {rest * 1000:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--memory", action="store_true", help="also peak memory (a fresh process per mode and size)")
+    parser.add_argument("--profile", action="store_true", help="also time the clipless step's parts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = measure(args.batch_sizes, args.repeats, args.memory)
+    results = {str(size): row for size, row in measure(args.batch_sizes, args.repeats, args.memory).items()}
+    if args.profile:
+        results["clipless_profile"] = {}
+        for size in args.batch_sizes:
+            results["clipless_profile"][str(size)] = clipless_profile(size, args.repeats)
+            print(format_profile(size, results["clipless_profile"][str(size)]), flush=True)
     if args.json:
-        print(json.dumps({str(size): row for size, row in results.items()}))
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":
