@@ -6,7 +6,7 @@
   that ``tune.py`` chose on a validation split; ``--quick`` trains the offline digits
   demo instead (no data file needed).
 
-``--quick`` (about 3 minutes on 2 cores): batch sizes 256 and 1024, 5 repeats.
+``--quick`` (about 1.5 minutes on 2 cores): batch sizes 256 and 1024, 5 repeats.
 The full run: batch sizes 64 to 8192 (clipped: as far as memory allows), 10 repeats.
 ``--save`` writes ``benchmarks/results/results.json`` and the README's figures.
 The last line with ``--json`` is one JSON object whose top level holds the step-time
@@ -60,7 +60,7 @@ def headline(speed: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few minutes: two batch sizes, the digits demo")
+    parser.add_argument("--quick", action="store_true", help="about 1.5 minutes: two batch sizes, the digits demo")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of all results")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/ (JSON and figures)")
     parser.add_argument("--npz", default=str(accuracy.FASHION), help="accuracy dataset of the full run")
