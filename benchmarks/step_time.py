@@ -150,7 +150,7 @@ def peak_megabytes_in_subprocess(mode: str, batch_size: int) -> float | None:
     return float(done.stdout.split()[-1]) if done.returncode == 0 else None
 
 
-def clipped_fits_in_memory(batch_size: int, parameters: int = 421_408) -> bool:
+def clipped_fits_in_memory(batch_size: int, parameters: int) -> bool:
     """Per-example gradients take B x P floats, and vectorisation about 3 copies more:
     skip the clipped mode where that would not fit in the memory available now."""
     with open("/proc/meminfo") as meminfo:
@@ -161,8 +161,9 @@ def clipped_fits_in_memory(batch_size: int, parameters: int = 421_408) -> bool:
 def measure(batch_sizes, repeats: int, memory: bool) -> dict:
     """{batch size: {mode: seconds, memory_mb: {mode: MB}, ratios}}, printed as it goes."""
     results = {}
+    parameters = build("clipped").inner.count_params()
     for size in batch_sizes:
-        modes = [mode for mode in MODES if mode != "clipped" or clipped_fits_in_memory(size)]
+        modes = [mode for mode in MODES if mode != "clipped" or clipped_fits_in_memory(size, parameters)]
         row = step_times(size, modes, repeats)
         row["clipless_over_nonprivate"] = row["clipless"] / row["non_private"]
         row["clipped_over_clipless"] = row["clipped"] / row["clipless"] if "clipped" in row else None

@@ -13,9 +13,8 @@ import math
 import sys
 import time
 
-import tensorflow as tf
-
 import numpy as np
+import tensorflow as tf
 
 from lipdp import accounting, datasets, presets
 from lipdp import audit as membership
